@@ -8,26 +8,31 @@ nothing needs the Hugging Face hub.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
-from transformer_lens import HookedTransformer
 
-from mxd_lens.sources.cache import mxd_lens_cache_dir
+from mxd_lens.sources.cache import hub_offline, hub_reachable, mxd_lens_cache_dir
+
+if TYPE_CHECKING:  # transformer_lens takes seconds to import: only when a model is built
+    from transformer_lens import HookedTransformer
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "load_default_model",
     "load_model",
     "default_model_folder",
+    "processed_weights_folder",
     "prepare_default_model",
 ]
 
@@ -52,8 +57,6 @@ _PROCESSING = dict(
     fold_value_biases=True,
 )
 _N_CTX = 2048
-# Norm types before and after TransformerLens folds their weights away.
-_FOLDED_NORM = {"LN": "LNPre", "RMS": "RMSPre"}
 
 
 def _gguf_path() -> Path:
@@ -110,16 +113,29 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
-def prepare_default_model() -> tuple[Path, bool]:
-    """Make sure the converted default model is in the cache.
+def processed_weights_folder() -> Path:
+    """Where the default model's TransformerLens-processed weights are cached."""
+    return mxd_lens_cache_dir() / _PROCESSED_NAME
 
-    Returns:
-        (folder, converted): the folder and whether this call did the conversion.
-    """
+
+def _remove_stale_temporaries(parent: Path, max_age_s: float = 3600.0) -> None:
+    """Delete conversion folders left by killed processes (an hour old or more)."""
+    now = time.time()
+    for tmp in parent.glob(f".{_FOLDER_NAME}-*"):
+        try:
+            if tmp.is_dir() and now - tmp.stat().st_mtime > max_age_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass  # another process removed it first
+
+
+def _ensure_hf_folder() -> tuple[Path, bool]:
+    """The converted HF folder of the default model, converting it if needed."""
     folder = default_model_folder()
     if _is_complete(folder):
         return folder, False
     gguf = _gguf_path()
+    _remove_stale_temporaries(folder.parent)
     # Convert into a temporary sibling and rename it into place, so an
     # interrupted conversion never leaves a half-written folder behind.
     tmp = Path(tempfile.mkdtemp(prefix=f".{_FOLDER_NAME}-", dir=folder.parent))
@@ -140,6 +156,21 @@ def prepare_default_model() -> tuple[Path, bool]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder, True
+
+
+def prepare_default_model() -> dict[str, bool]:
+    """Fill the default model's caches: the fp32 HF folder and the processed weights.
+
+    Returns:
+        ``{"converted": ..., "processed": ...}``: which steps this call performed
+        (both False when everything was cached already).
+    """
+    folder, converted = _ensure_hf_folder()
+    if _processed_path_if_valid(processed_weights_folder(), folder) is not None:
+        return {"converted": converted, "processed": False}
+    # Loading through the slow path writes the processed weights as a side effect.
+    _load_local_folder(folder, "cpu", torch.float32, processed_cache=processed_weights_folder())
+    return {"converted": converted, "processed": True}
 
 
 @contextmanager
@@ -176,21 +207,24 @@ def _tl_safe_path(folder: Path) -> Iterator[Path]:
         yield link
 
 
-def _processed_meta() -> dict[str, str]:
-    """What a cached processed state dict must match to be reused."""
-    import transformer_lens
+def _processed_meta(source: Path) -> dict[str, str]:
+    """What a cached processed state dict must match to be reused.
 
+    ``source`` is the HF folder it came from: a re-converted folder (new
+    size or modification time of its weights) invalidates the processed copy.
+    """
+    weights = (source / "model.safetensors").stat()
     return {
-        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+        "source": f"{source.resolve()}:{weights.st_size}:{weights.st_mtime_ns}",
+        "transformer_lens": importlib.metadata.version("transformer-lens"),
         "processing": json.dumps(_PROCESSING, sort_keys=True),
         "n_ctx": str(_N_CTX),
     }
 
 
-def _read_processed(folder: Path) -> dict[str, torch.Tensor] | None:
-    """The cached processed parameters, or None if absent or made by other versions."""
+def _processed_path_if_valid(folder: Path, source: Path) -> Path | None:
+    """The cached processed weights file if it was made by these versions, else None."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = folder / "model.safetensors"
     if not path.is_file():
@@ -198,14 +232,25 @@ def _read_processed(folder: Path) -> dict[str, torch.Tensor] | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        if meta != _processed_meta():
-            return None
-        return load_file(str(path))
     except Exception:  # a damaged cache file is rebuilt, not fatal
+        return None
+    return path if meta == _processed_meta(source) else None
+
+
+def _read_processed(folder: Path, source: Path) -> dict[str, torch.Tensor] | None:
+    """The cached processed parameters, or None if absent, damaged or stale."""
+    from safetensors.torch import load_file
+
+    path = _processed_path_if_valid(folder, source)
+    if path is None:
+        return None
+    try:
+        return load_file(str(path))
+    except Exception:
         return None
 
 
-def _write_processed(folder: Path, model: HookedTransformer) -> None:
+def _write_processed(folder: Path, source: Path, model: HookedTransformer) -> None:
     """Cache the processed parameters (not buffers) atomically."""
     from safetensors.torch import save_file
 
@@ -215,7 +260,7 @@ def _write_processed(folder: Path, model: HookedTransformer) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".model-", suffix=".safetensors", dir=folder)
     os.close(fd)
     try:
-        save_file(params, tmp, metadata=_processed_meta())
+        save_file(params, tmp, metadata=_processed_meta(source))
         os.chmod(tmp, 0o644)
         os.replace(tmp, folder / "model.safetensors")
     finally:
@@ -234,6 +279,7 @@ def _load_local_folder(
     With ``processed_cache``, the processed parameters are read from (or written
     to) that folder instead of re-running TransformerLens's weight processing.
     """
+    from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -249,10 +295,10 @@ def _load_local_folder(
             device=device,
             dtype=dtype,
         )
-        processed = _read_processed(processed_cache) if processed_cache else None
-        if processed is not None and cfg.normalization_type in _FOLDED_NORM:
-            # Build the model as it looks after folding, then load the saved parameters.
-            cfg.normalization_type = _FOLDED_NORM[cfg.normalization_type]
+        processed = _read_processed(processed_cache, folder) if processed_cache else None
+        if processed is not None and cfg.normalization_type in ("LNPre", "RMSPre"):
+            # With fold_ln the config already describes the folded model (norms
+            # without weights), so the saved parameters load straight in.
             model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
             missing, unexpected = model.load_state_dict(processed, strict=False)
             buffers = {name for name, _ in model.named_buffers()}
@@ -273,7 +319,7 @@ def _load_local_folder(
             model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
             model.load_and_process_state_dict(state_dict, **_PROCESSING)
             if processed_cache is not None:
-                _write_processed(processed_cache, model)
+                _write_processed(processed_cache, folder, model)
             if dtype != torch.float32:
                 model.to(dtype, print_details=False)
         model.move_model_modules_to_device()
@@ -290,10 +336,8 @@ def load_default_model(
     (about 20 s); later calls load that folder in seconds. ``model.tokenizer``
     does not prepend BOS; use token 0 (``<|endoftext|>``) as a document prefix.
     """
-    folder, _ = prepare_default_model()
-    model = _load_local_folder(
-        folder, device, dtype, processed_cache=mxd_lens_cache_dir() / _PROCESSED_NAME
-    )
+    folder, _ = _ensure_hf_folder()
+    model = _load_local_folder(folder, device, dtype, processed_cache=processed_weights_folder())
     model.cfg.model_name = DEFAULT_MODEL_NAME
     return model
 
@@ -321,6 +365,7 @@ def load_model(
     path = Path(name).expanduser()
     if path.is_dir():
         return _load_local_folder(path, device, dtype)
+    from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
 
     name = str(name)
@@ -331,6 +376,13 @@ def load_model(
             f"{name!r} is neither a local model folder nor a model name TransformerLens "
             f"knows; pass None for the default {DEFAULT_MODEL_NAME} or a local HF folder"
         ) from None
+    offline = hub_offline()
+    if not offline and not hub_reachable():
+        raise RuntimeError(
+            f"Cannot fetch {name!r} because the Hugging Face hub is unreachable (set "
+            "HF_HUB_OFFLINE=1 to use its local cache); use the default model "
+            f"(load_model(None) -> {DEFAULT_MODEL_NAME}) or pass a local Hugging Face model folder."
+        )
     try:
         with _quiet():
             model = HookedTransformer.from_pretrained(
@@ -341,8 +393,7 @@ def load_model(
                 **_PROCESSING,
             )
     except OSError as err:  # huggingface_hub's offline/connection errors are OSErrors
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
+        why = "HF_HUB_OFFLINE is set and it is not cached" if offline else "the hub failed"
         raise RuntimeError(
             f"Cannot fetch {name!r} because {why} ({type(err).__name__}); use the default "
             f"model (load_model(None) -> {DEFAULT_MODEL_NAME}) or pass a local Hugging Face "

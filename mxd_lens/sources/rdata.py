@@ -38,18 +38,17 @@ __all__ = [
 ]
 
 # SEXP type codes (R's Rinternals.h) that appear as data.
-_NILSXP, _SYMSXP, _LISTSXP, _CLOSXP, _ENVSXP, _PROMSXP, _LANGSXP = 0, 1, 2, 3, 4, 5, 6
+_SYMSXP, _LISTSXP, _CLOSXP, _ENVSXP, _PROMSXP, _LANGSXP = 1, 2, 3, 4, 5, 6
 _SPECIALSXP, _BUILTINSXP, _CHARSXP, _LGLSXP = 7, 8, 9, 10
 _INTSXP, _REALSXP, _CPLXSXP, _STRSXP, _DOTSXP = 13, 14, 15, 16, 17
 _VECSXP, _EXPRSXP, _BCODESXP, _EXTPTRSXP, _WEAKREFSXP, _RAWSXP, _S4SXP = (
     19, 20, 21, 22, 23, 24, 25,
 )
-# Pseudo-types used only inside serialised streams (serialize.c).
+# Pseudo-types used only inside serialised streams (serialize.c); the byte-code
+# ones (243-246) are not supported and fall through to "unknown type".
 _ALTREP_SXP = 238
 _ATTRLISTSXP, _ATTRLANGSXP = 239, 240
 _BASEENV_SXP, _EMPTYENV_SXP = 241, 242
-_BCREPREF, _BCREPDEF = 243, 244
-_GENERICREFSXP, _CLASSREFSXP = 245, 246
 _PERSISTSXP, _PACKAGESXP, _NAMESPACESXP, _BASENAMESPACE_SXP = 247, 248, 249, 250
 _MISSINGARG_SXP, _UNBOUNDVALUE_SXP, _GLOBALENV_SXP, _NILVALUE_SXP, _REFSXP = (
     251, 252, 253, 254, 255,
@@ -107,9 +106,6 @@ class RObject:
         cls = self.attributes.get("class")
         return [c for c in cls.value if c is not None] if isinstance(cls, RObject) else []
 
-    def __len__(self) -> int:
-        return len(self.value) if isinstance(self.value, list) else 1
-
     def as_dict(self) -> dict[str, Any]:
         """A named list (or pairlist) as ``{name: element}``.
 
@@ -143,11 +139,11 @@ class _Reader:
         self.pos += n
         return chunk
 
-    def int(self) -> int:
+    def read_int(self) -> int:
         return struct.unpack(">i", self.take(4))[0]
 
     def length(self) -> int:
-        n = self.int()
+        n = self.read_int()
         if n == -1:  # long vector: two more ints, upper then lower 32 bits
             upper, lower = struct.unpack(">II", self.take(8))
             n = (upper << 32) + lower
@@ -167,16 +163,16 @@ class _Reader:
             if kind:
                 raise self.fail(f"R serialisation in {kind} format is not supported, only XDR")
             raise self.fail(f"not R serialised data (starts with {magic!r}, expected b'X\\n')")
-        version = self.int()
-        self.int()  # R version that wrote it
-        self.int()  # minimal R version to read it
+        version = self.read_int()
+        self.read_int()  # R version that wrote it
+        self.read_int()  # minimal R version to read it
         if version == 3:
-            self.take(self.int())  # native encoding name, e.g. "UTF-8"
+            self.take(self.read_int())  # native encoding name, e.g. "UTF-8"
         elif version != 2:
             raise self.fail(f"unsupported R serialisation version {version}, expected 2 or 3")
 
     def item(self) -> Any:
-        flags = self.int()
+        flags = self.read_int()
         sexptype = flags & 0xFF
         levels = flags >> 12
         has_attr = bool(flags & (1 << 9))
@@ -192,13 +188,13 @@ class _Reader:
         if sexptype in (_UNBOUNDVALUE_SXP, _MISSINGARG_SXP):
             return RObject("symbol", "")
         if sexptype == _REFSXP:
-            index = flags >> 8 or self.int()
+            index = flags >> 8 or self.read_int()
             if not 1 <= index <= len(self.refs):
                 raise self.fail(f"reference {index} to an object not yet read")
             return self.refs[index - 1]
         if sexptype in (_PERSISTSXP, _PACKAGESXP, _NAMESPACESXP):
             # A persistent name (string vector) standing for an object kept elsewhere.
-            if self.int() != 0:
+            if self.read_int() != 0:
                 raise self.fail("malformed persistent-name string vector")
             names = [self.charsxp() for _ in range(self.length())]
             kind = {_PERSISTSXP: "persistent", _PACKAGESXP: "package",
@@ -212,7 +208,7 @@ class _Reader:
             self.refs.append(obj)
             return obj
         if sexptype == _ENVSXP:
-            self.int()  # locked flag
+            self.read_int()  # locked flag
             obj = RObject("environment")
             self.refs.append(obj)  # registered before its contents: they may refer to it
             enclos, frame, hashtab, attrib = self.item(), self.item(), self.item(), self.item()
@@ -276,7 +272,7 @@ class _Reader:
                 self._set_attributes(head, attrib)
             head.value.append((tag.value if isinstance(tag, RObject) else tag, car))
             # The CDR: continue in the loop while it is another cell of the same kind.
-            flags = self.int()
+            flags = self.read_int()
             next_type = flags & 0xFF
             if next_type == _NILVALUE_SXP:
                 return head
@@ -289,10 +285,10 @@ class _Reader:
             has_tag = bool(flags & (1 << 10))
 
     def charsxp(self) -> str | None:
-        flags = self.int()
+        flags = self.read_int()
         if flags & 0xFF != _CHARSXP:
             raise self.fail(f"expected a string (CHARSXP, type 9), got type {flags & 0xFF}")
-        n = self.int()
+        n = self.read_int()
         if n == -1:
             return None  # NA_character_
         if n < 0:

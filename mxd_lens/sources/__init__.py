@@ -1,0 +1,43 @@
+"""Models and text that run with no hub: the default model and corpus, or your own.
+
+* :func:`load_default_model` / :func:`load_model` -- a processed HookedTransformer.
+* :func:`load_default_corpus` / :func:`load_texts` -- documents as strings.
+* :func:`token_rows` -- documents to ``[rows, context]`` token tensors.
+* :mod:`mxd_lens.sources.rdata` -- the R-data reader behind the default corpus.
+
+``python -m mxd_lens.sources prepare`` fills the caches (see :func:`mxd_lens_cache_dir`).
+"""
+
+from mxd_lens.sources.cache import mxd_lens_cache_dir
+from mxd_lens.sources.corpus import (
+    load_default_corpus,
+    load_texts,
+    prepare_default_corpus,
+    split_chapters,
+    token_rows,
+)
+from mxd_lens.sources.model import (
+    DEFAULT_MODEL_NAME,
+    load_default_model,
+    load_model,
+    prepare_default_model,
+)
+from mxd_lens.sources.rdata import LazyLoadDB, RObject, read_rds, text_columns, unserialize
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "load_default_model",
+    "load_model",
+    "prepare_default_model",
+    "load_default_corpus",
+    "load_texts",
+    "token_rows",
+    "split_chapters",
+    "prepare_default_corpus",
+    "mxd_lens_cache_dir",
+    "LazyLoadDB",
+    "RObject",
+    "read_rds",
+    "unserialize",
+    "text_columns",
+]
