@@ -12,6 +12,7 @@ from mxd_lens.mxd import MxD
 from mxd_lens.params import match_n_experts, mxd_n_params, transcoder_n_params
 from mxd_lens.replacement import Replacement
 from mxd_lens.transcoder import SkipTranscoder, TopKTranscoder
+from mxd_lens import saelens as _saelens  # registers the SAE-Lens architectures
 
 __version__ = "0.1.0"
 

@@ -118,3 +118,30 @@ def linear_init_(weight: Tensor, fan_in: int) -> None:
     bound = 1.0 / math.sqrt(fan_in)
     with torch.no_grad():
         weight.uniform_(-bound, bound)
+
+
+def unit_pre(
+    x: Float[Tensor, "tokens d_in"], W_enc: Float[Tensor, "d_in n"], b_enc: Float[Tensor, " n"]
+) -> Float[Tensor, "tokens n"]:
+    """W_enc^T x + b_enc: an MxD's gate logits (G, b_G) or a transcoder's latent pre-activations."""
+    return x @ W_enc + b_enc
+
+
+def skip_out(x: Float[Tensor, "tokens d_in"], W_skip: Float[Tensor, "d_out d_in"]) -> Float[Tensor, "tokens d_out"]:
+    """W_skip x, with W_skip stored [d_out, d_in] as in SAE-Lens."""
+    return x @ W_skip.T
+
+
+def topk_mix(sparse: TopK, rows: Float[Tensor, "n d_out"]) -> Float[Tensor, "... d_out"]:
+    """`sparse_mix` for any number of leading (batch, position) dimensions."""
+    lead, k = sparse.values.shape[:-1], sparse.values.shape[-1]
+    flat = TopK(sparse.values.reshape(-1, k), sparse.indices.reshape(-1, k))
+    return sparse_mix(flat, rows).reshape(*lead, rows.shape[-1])
+
+
+def transcoder_combine(
+    mix: Float[Tensor, "tokens d_out"], b_dec: Float[Tensor, " d_out"], skip: Float[Tensor, "tokens d_out"] | None = None
+) -> Float[Tensor, "tokens d_out"]:
+    """y = W_dec^T a + b_dec (+ W_skip x for a skip transcoder)."""
+    y = mix + b_dec
+    return y if skip is None else y + skip

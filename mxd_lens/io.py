@@ -1,29 +1,52 @@
-"""Saving and loading replacement modules: SAE-Lens's folder layout, safetensors + JSON.
+"""Saving and loading replacement modules in SAE-Lens's folder layout (safetensors + JSON).
 
-A module folder holds `cfg.json` (with `architecture` and our `mxd_lens_format`) and
-`sae_weights.safetensors`. Folders are written into a temporary sibling and renamed
-into place, so a crash never leaves a half-written module. Loading never unpickles.
+A module folder holds
+
+- `cfg.json`: SAE-Lens's config layout (`architecture`, `d_in`, `d_sae`, ..., `metadata`
+  with model_name, hook_name, hook_name_out, context_size, prepend_bos, dataset_path,
+  model_from_pretrained_kwargs, neuronpedia_id) plus the fields mxd_lens needs and our
+  `mxd_lens_format` version, so one folder loads with `mxd_lens.load` and with
+  `sae_lens.SAE.load_from_disk` / `SAE.from_pretrained`;
+- `sae_weights.safetensors`: the parameters, under the modules' own names;
+- `sparsity.safetensors` (when firing rates are known): SAE-Lens's `sparsity` tensor,
+  log10 of each unit's firing rate.
+
+Folders are written into a temporary sibling and renamed into place, so a crash never
+leaves a half-written module. Loading never unpickles: a folder is untrusted input, so
+cfg.json is validated and every tensor's name, shape and dtype is checked against it
+(from the safetensors header, before any data is read).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+import torch
+from jaxtyping import Float
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
 
-from mxd_lens.config import MxDConfig, ReplacementConfig, TranscoderConfig
+from mxd_lens.config import MxDConfig, ReplacementConfig, TranscoderConfig, parse_dtype
 from mxd_lens.mxd import MxD
 from mxd_lens.replacement import Replacement
 from mxd_lens.transcoder import SkipTranscoder, TopKTranscoder
 
 FORMAT_VERSION = 1
+"""Version of the folder layout written by `save`; `load` reads this and every older one."""
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+SPARSITY_EPS = 1e-10
+"""SAE-Lens stores log10(firing rate + 1e-10)."""
 
 ARCHITECTURES: dict[str, tuple[type[Replacement], type[ReplacementConfig]]] = {
     MxD.architecture: (MxD, MxDConfig),
@@ -31,8 +54,243 @@ ARCHITECTURES: dict[str, tuple[type[Replacement], type[ReplacementConfig]]] = {
     SkipTranscoder.architecture: (SkipTranscoder, TranscoderConfig),
 }
 
+METADATA_KEYS: tuple[str, ...] = (
+    "model_name",
+    "hook_name",
+    "hook_name_out",
+    "context_size",
+    "prepend_bos",
+    "dataset_path",
+    "model_from_pretrained_kwargs",
+    "neuronpedia_id",
+)
+"""SAE-Lens metadata written for every module (None when unknown)."""
+_CFG_IN_METADATA = ("model_name", "hook_name", "hook_name_out")
+"""Fields of our configs that live in SAE-Lens's `metadata`, not at the top level."""
+_VERSION_KEYS = ("sae_lens_version", "sae_lens_training_version", "mxd_lens_version")
 
-def atomic_write_dir(path: str | Path, write: Any) -> Path:
+# Top-level keys of cfg.json besides the architecture-specific size fields.
+_COMMON_KEYS = (
+    "architecture",
+    "mxd_lens_format",
+    "d_in",
+    "d_sae",
+    "d_out",
+    "k",
+    "layer",
+    "input_site",
+    "dtype",
+    "device",
+    "apply_b_dec_to_input",
+    "normalize_activations",
+    "reshape_activations",
+    "metadata",
+)
+_ARCH_KEYS = {MxD.architecture: ("d_hidden", "act_fn", "glu")}
+# SAE-Lens options that mxd_lens modules do not implement, with the only accepted value.
+_FIXED = {"apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none"}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# --- cfg.json <-> config ----------------------------------------------------------------
+def config_json(module: Replacement, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The cfg.json dict of `module` (SAE-Lens layout plus our fields).
+
+    `metadata` adds SAE-Lens metadata (context_size, dataset_path, neuronpedia_id...) to
+    what the module already carries in `module.sae_metadata`; model_name, hook_name and
+    hook_name_out always come from `module.cfg` and may not contradict it.
+    """
+    cfg = module.cfg.to_dict()
+    arch = module.architecture
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"cannot save a module of architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}"
+        )
+    meta: dict[str, Any] = {key: None for key in METADATA_KEYS}
+    meta["model_from_pretrained_kwargs"] = {}
+    meta.update(getattr(module, "sae_metadata", None) or {})
+    for key, value in (metadata or {}).items():
+        if key in _CFG_IN_METADATA and value is not None and cfg[key] is not None and value != cfg[key]:
+            raise ValueError(f"metadata {key}={value!r} contradicts the module's cfg.{key}={cfg[key]!r}")
+        meta[key] = value
+    for key in _CFG_IN_METADATA:
+        value = cfg.pop(key)
+        meta[key] = value if value is not None else meta.get(key)
+    meta["sae_lens_version"] = meta.get("sae_lens_version") or _version("sae-lens")
+    meta["sae_lens_training_version"] = meta.get("sae_lens_training_version")
+    meta["mxd_lens_version"] = _version("mxd_lens") or _version("mxd-lens")
+    out: dict[str, Any] = {
+        "architecture": arch,
+        "mxd_lens_format": FORMAT_VERSION,
+        "d_in": cfg.pop("d_in"),
+        "d_sae": module.n_units,
+        "d_out": cfg.pop("d_out"),
+        "k": cfg.pop("k"),
+    }
+    cfg.pop("n_experts", None)
+    cfg.pop("d_sae", None)
+    out.update(cfg)  # layer, input_site, dtype, device (+ d_hidden, act_fn, glu)
+    # The parameters' dtype, not the construction-time one (a module.to(bfloat16) since).
+    out["dtype"] = str(module.dtype).removeprefix("torch.")
+    out.update(_FIXED)
+    out["metadata"] = meta
+    return out
+
+
+def _fail(where: str, problem: str) -> ValueError:
+    return ValueError(f"{where}: {problem}")
+
+
+def config_from_json(raw: Any, where: str = CFG_FILE) -> tuple[str, ReplacementConfig, dict[str, Any]]:
+    """Validate a cfg.json dict: (architecture, mxd_lens config, extra SAE-Lens metadata).
+
+    Raises ValueError naming `where` and the offending key for an unknown architecture
+    or format version, unknown or missing keys, non-positive sizes, k out of range, or
+    SAE-Lens options that mxd_lens modules do not implement.
+    """
+    if not isinstance(raw, dict):
+        raise _fail(where, f"expected a JSON object, got {type(raw).__name__}")
+    arch = raw.get("architecture")
+    if arch not in ARCHITECTURES:
+        raise _fail(where, f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+    version = raw.get("mxd_lens_format", FORMAT_VERSION)  # SAE-Lens's save_model omits it
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise _fail(
+            where,
+            f"mxd_lens_format={version!r} is not supported by this mxd_lens (formats 1..{FORMAT_VERSION}); "
+            "upgrade mxd_lens to read it",
+        )
+    allowed = set(_COMMON_KEYS) | set(_ARCH_KEYS.get(arch, ()))
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise _fail(
+            where, f"unknown keys {unknown} for architecture {arch!r}; expected a subset of {sorted(allowed)}"
+        )
+    required = {"d_in", "d_sae", "d_out", "k"} | set(_ARCH_KEYS.get(arch, ())) - {"act_fn", "glu"}
+    missing = sorted(required - set(raw))
+    if missing:
+        raise _fail(where, f"missing keys {missing}")
+    for key, expected in _FIXED.items():
+        if key in raw and raw[key] != expected:
+            raise _fail(
+                where, f"{key}={raw[key]!r} is not supported by mxd_lens modules (expected {expected!r})"
+            )
+    meta = raw.get("metadata", {})
+    if not isinstance(meta, dict):
+        raise _fail(where, f"metadata must be a JSON object, got {type(meta).__name__}")
+
+    _, cfg_cls = ARCHITECTURES[arch]
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    kwargs = {k: v for k, v in raw.items() if k in fields}
+    kwargs.update({k: meta.get(k) for k in _CFG_IN_METADATA})
+    if cfg_cls is MxDConfig:
+        kwargs["n_experts"] = raw["d_sae"]
+    else:
+        kwargs["d_sae"] = raw["d_sae"]
+    try:
+        cfg = cfg_cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise _fail(where, str(e)) from None
+    extra = {k: v for k, v in meta.items() if k not in _CFG_IN_METADATA and k not in _VERSION_KEYS}
+    return arch, cfg, extra
+
+
+def read_config(path: str | Path) -> tuple[str, ReplacementConfig, dict[str, Any]]:
+    """Read and validate `path/cfg.json` (see `config_from_json`)."""
+    folder = _folder(path)
+    cfg_path = folder / CFG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} is missing: not a module folder written by mxd_lens or SAE-Lens")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _fail(str(cfg_path), f"not valid JSON ({e}); the file may be truncated") from None
+    return config_from_json(raw, str(cfg_path))
+
+
+def _folder(path: str | Path) -> Path:
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"no module folder at {folder}")
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder} is a file, not a module folder (expected a folder holding {CFG_FILE})"
+        )
+    return folder
+
+
+# --- tensors ------------------------------------------------------------------------------
+def expected_tensors(arch: str, cfg: ReplacementConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of `arch` with `cfg`, read off the module itself
+    (built on the meta device, so nothing is allocated): one source of truth for the
+    layouts that `save`, `load` and the SAE-Lens classes use."""
+    module_cls, _ = ARCHITECTURES[arch]
+    meta = module_cls(dataclasses.replace(cfg, device="meta"))
+    return {name: tuple(p.shape) for name, p in meta.named_parameters()}
+
+
+def check_tensors(
+    expected: Mapping[str, tuple[int, ...]],
+    found: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    dtype: torch.dtype | None,
+    where: str,
+) -> None:
+    """Every expected name present with its shape (and `dtype`, unless None), nothing else."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise _fail(where, f"tensor names do not match cfg.json: missing {missing}, unexpected {unexpected}")
+    for name, shape in expected.items():
+        got_shape, got_dtype = found[name]
+        if tuple(got_shape) != tuple(shape):
+            raise _fail(
+                where, f"tensor {name!r} has shape {tuple(got_shape)} but cfg.json implies {tuple(shape)}"
+            )
+        if dtype is not None and got_dtype != dtype:
+            raise _fail(
+                where,
+                f"tensor {name!r} is {got_dtype} but cfg.json says dtype={str(dtype).removeprefix('torch.')}",
+            )
+
+
+def _read_safetensors(
+    path: Path, check: Callable[[Mapping[str, tuple[tuple[int, ...], torch.dtype]]], None], device: str
+) -> dict[str, Tensor]:
+    """Check the header with `check`, then read the tensors. Never unpickles."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            found = {}
+            for name in f.keys():  # noqa: SIM118  (safe_open is not iterable)
+                sl = f.get_slice(name)
+                found[name] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype(), path, name))
+            check(found)
+            return {name: f.get_tensor(name) for name in found}
+    except SafetensorError as e:
+        raise _fail(
+            str(path),
+            f"not a readable safetensors file ({e}); it may be truncated or another format (mxd_lens never unpickles)",
+        ) from None
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _st_dtype(code: str, path: Path, name: str) -> torch.dtype:
+    if code not in _ST_DTYPES:
+        raise _fail(str(path), f"tensor {name!r} has dtype {code}; expected one of {sorted(_ST_DTYPES)}")
+    return _ST_DTYPES[code]
+
+
+# --- folders ------------------------------------------------------------------------------
+def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_dir)` then rename tmp_dir to `path` (replacing an old folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,35 +310,122 @@ def atomic_write_dir(path: str | Path, write: Any) -> Path:
     return path
 
 
-def save(module: Replacement, path: str | Path) -> Path:
-    """Write `module` to the folder `path` (created or replaced atomically)."""
+def save(
+    module: Replacement,
+    path: str | Path,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    firing_rates: Float[Tensor, " n_units"] | None = None,
+) -> Path:
+    """Write `module` to the folder `path` (created or replaced atomically).
+
+    Args:
+        module: an MxD, TopKTranscoder or SkipTranscoder.
+        path: the folder to write.
+        metadata: extra SAE-Lens metadata (context_size, prepend_bos, dataset_path,
+            model_from_pretrained_kwargs, neuronpedia_id...).
+        firing_rates: fraction of tokens on which each unit is active; written as
+            SAE-Lens's sparsity.safetensors when given.
+    """
+    cfg = config_json(module, metadata)
+    if firing_rates is not None:
+        firing_rates = torch.as_tensor(firing_rates).detach()
+        if tuple(firing_rates.shape) != (module.n_units,):
+            raise ValueError(
+                f"firing_rates has shape {tuple(firing_rates.shape)}; expected ({module.n_units},), one rate per unit"
+            )
+        if not bool(((firing_rates >= 0) & (firing_rates <= 1)).all()):
+            raise ValueError("firing_rates must be fractions in [0, 1]")
 
     def write(tmp: Path) -> None:
-        cfg = {"architecture": module.architecture, "mxd_lens_format": FORMAT_VERSION, **module.cfg.to_dict()}
         (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
-        tensors = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if firing_rates is not None:
+            log_rates = torch.log10(firing_rates.float().cpu() + SPARSITY_EPS)
+            save_file({"sparsity": log_rates.contiguous()}, str(tmp / SPARSITY_FILE))
 
     return atomic_write_dir(path, write)
 
 
-def load(path: str | Path, device: str | None = None) -> Replacement:
-    """Read a module folder written by `save` back as an mxd_lens module."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no module folder at {path}")
-    cfg_path = path / CFG_FILE
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} is missing")
-    raw = json.loads(cfg_path.read_text())
-    arch = raw.pop("architecture", None)
-    raw.pop("mxd_lens_format", None)
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"{cfg_path}: unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
-    module_cls, cfg_cls = ARCHITECTURES[arch]
+def load(path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None) -> Replacement:
+    """Read a module folder (written by `save`, SAE-Lens or `publish`) as an mxd_lens module.
+
+    Args:
+        path: the module folder.
+        device: where to put the parameters (default: cfg.json's device).
+        dtype: cast the parameters to this dtype after loading (default: as saved).
+            `attach` refuses a module whose dtype differs from the model's, so pass the
+            model's dtype here to load a module saved in another precision.
+
+    Raises:
+        FileNotFoundError: the folder, cfg.json or the weights are missing.
+        ValueError: cfg.json is invalid, or a file is truncated, not safetensors, or
+            contradicts cfg.json (names, shapes, dtypes).
+    """
+    folder = _folder(path)
+    arch, cfg, extra = read_config(folder)
     if device is not None:
-        raw["device"] = device
-    module = module_cls(cfg_cls.from_dict(raw))
-    state = load_file(str(path / WEIGHTS_FILE), device=str(module.device))
-    module.load_state_dict(state)
+        cfg = dataclasses.replace(cfg, device=str(device))
+    stored = parse_dtype(cfg.dtype)
+    expected = expected_tensors(arch, cfg)
+    state = _read_safetensors(
+        folder / WEIGHTS_FILE,
+        lambda found: check_tensors(expected, found, stored, str(folder / WEIGHTS_FILE)),
+        device=cfg.device,
+    )
+    load_sparsity(folder, cfg.n_units)  # a contradictory sparsity file is an error too
+    module_cls, _ = ARCHITECTURES[arch]
+    module = module_cls(dataclasses.replace(cfg, device="meta"))
+    module.load_state_dict(state, assign=True)
+    module.sae_metadata = extra
+    if dtype is not None:
+        target = parse_dtype(dtype)
+        module.to(target)
+        module.cfg = dataclasses.replace(module.cfg, dtype=str(target).removeprefix("torch."))
+    module.cfg = dataclasses.replace(module.cfg, device=cfg.device)
     return module
+
+
+def load_sparsity(path: str | Path, n_units: int | None = None) -> Float[Tensor, " n_units"] | None:
+    """log10 firing rates from `path/sparsity.safetensors`, or None when there is no such file."""
+    folder = _folder(path)
+    file = folder / SPARSITY_FILE
+    if not file.exists():
+        return None
+    if n_units is None:
+        n_units = read_config(folder)[1].n_units
+
+    def check(found: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+        check_tensors({"sparsity": (n_units,)}, found, None, str(file))
+
+    log_rates = _read_safetensors(file, check, device="cpu")["sparsity"]
+    if not bool((log_rates <= 0).all()) or bool(log_rates.isnan().any()):
+        raise _fail(str(file), "sparsity must hold log10 firing rates (all <= 0)")
+    return log_rates
+
+
+def firing_rates(path: str | Path) -> Float[Tensor, " n_units"] | None:
+    """Each unit's firing rate (fraction of tokens) from sparsity.safetensors, or None."""
+    log_rates = load_sparsity(path)
+    return None if log_rates is None else (10.0 ** log_rates.double() - SPARSITY_EPS).clamp_min(0).float()
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "CFG_FILE",
+    "FORMAT_VERSION",
+    "METADATA_KEYS",
+    "SPARSITY_FILE",
+    "WEIGHTS_FILE",
+    "atomic_write_dir",
+    "check_tensors",
+    "config_from_json",
+    "config_json",
+    "expected_tensors",
+    "firing_rates",
+    "load",
+    "load_sparsity",
+    "read_config",
+    "save",
+]

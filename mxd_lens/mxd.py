@@ -35,6 +35,7 @@ from mxd_lens.functional import (
     mxd_hidden,
     remove_parallel_grad_,
     topk_relu,
+    unit_pre,
     unit_norm_rows_,
 )
 from mxd_lens.replacement import Replacement
@@ -90,9 +91,10 @@ class MxD(Replacement):
 
     def gate_pre(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... n_experts"]:
         """G^T x + b_G, the expert logits (before `hook_gate_pre`)."""
-        return x @ self.W_enc + self.b_enc
+        return unit_pre(x, self.W_enc, self.b_enc)
 
     def reconstruct(self, x: Float[Tensor, "... d_in"], hooked: bool = True) -> Float[Tensor, "... d_out"]:
+        self.check_input(x)
         h = self.hook_fn(hooked)
         x = h(self.hook_in, x)
         z = h(self.hook_hidden, self.hidden(x))

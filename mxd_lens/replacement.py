@@ -18,7 +18,7 @@ from transformer_lens.HookedRootModule import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from mxd_lens.config import ReplacementConfig, parse_dtype
-from mxd_lens.functional import TopK, dense_mix, densify, sparse_mix
+from mxd_lens.functional import TopK, dense_mix, densify, topk_mix
 
 
 @dataclass
@@ -68,6 +68,8 @@ class Replacement(HookedRootModule):
         self.hook_error = HookPoint()
         self.hook_out = HookPoint()
         self.splice: Splice | None = None
+        self.sae_metadata: dict | None = None
+        """SAE-Lens metadata read from or written to cfg.json (context_size, dataset_path...)."""
 
     # --- what subclasses provide -------------------------------------------------
     def reconstruct(self, x: Float[Tensor, "... d_in"], hooked: bool = True) -> Float[Tensor, "... d_out"]:
@@ -117,9 +119,7 @@ class Replacement(HookedRootModule):
         if hooked and has_hooks(self.acts_hook):
             acts = self.acts_hook(densify(sparse, self.n_units))
             return dense_mix(acts, rows)
-        lead = sparse.values.shape[:-1]
-        flat = TopK(sparse.values.reshape(-1, self.cfg.k), sparse.indices.reshape(-1, self.cfg.k))
-        return sparse_mix(flat, rows).reshape(*lead, rows.shape[-1])
+        return topk_mix(sparse, rows)
 
     def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
         self.check_input(x)

@@ -15,7 +15,14 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from mxd_lens.config import TranscoderConfig
-from mxd_lens.functional import linear_init_, topk_relu, unit_norm_rows_
+from mxd_lens.functional import (
+    linear_init_,
+    skip_out,
+    topk_relu,
+    transcoder_combine,
+    unit_norm_rows_,
+    unit_pre,
+)
 from mxd_lens.replacement import Replacement
 
 
@@ -58,15 +65,14 @@ class TopKTranscoder(Replacement):
 
     def latent_pre(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
         """W_enc^T x + b_enc (before `hook_latent_pre`)."""
-        return x @ self.W_enc + self.b_enc
+        return unit_pre(x, self.W_enc, self.b_enc)
 
     def reconstruct(self, x: Float[Tensor, "... d_in"], hooked: bool = True) -> Float[Tensor, "... d_out"]:
+        self.check_input(x)
         h = self.hook_fn(hooked)
         x = h(self.hook_in, x)
         sparse = topk_relu(h(self.hook_latent_pre, self.latent_pre(x)), self.cfg.k)
-        y = self.mix(sparse, self.W_dec, hooked) + self.b_dec
-        skip = self.skip(x)
-        return y if skip is None else y + skip
+        return transcoder_combine(self.mix(sparse, self.W_dec, hooked), self.b_dec, self.skip(x))
 
 
 class SkipTranscoder(TopKTranscoder):
@@ -80,4 +86,4 @@ class SkipTranscoder(TopKTranscoder):
         self.W_skip = nn.Parameter(torch.zeros(cfg.d_out, cfg.d_in, **self._param_kwargs()))
 
     def skip(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
-        return x @ self.W_skip.T
+        return skip_out(x, self.W_skip)
