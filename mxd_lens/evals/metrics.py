@@ -1,0 +1,153 @@
+"""The per-batch measurements of an evaluation, each written once.
+
+Everything here is a small function of tensors already computed by the runner: the
+next-token CE and KL of a batch of logits, the running statistics of unit
+activations, the paired standard error, and the collapse check of an MxD's experts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from mxd_lens.mxd import MxD
+
+ROW_CHUNK = 2
+"""Rows per log-softmax: bounds the [rows, ctx, vocab] temporaries to a few rows."""
+
+
+class CleanNextToken(NamedTuple):
+    """What the clean model's predictions contribute to every candidate's CE and KL."""
+
+    probs: Float[Tensor, "rows ctx-1 vocab"]
+    """p_clean of the predictions at positions 0..ctx-2."""
+    neg_entropy: Float[Tensor, "rows ctx-1"]
+    """sum_v p_clean log p_clean, per prediction."""
+    ce: Float[Tensor, "rows ctx-1"]
+    """Per-prediction CE of the clean model."""
+
+
+def _logprobs(chunk: Float[Tensor, "rows ctx vocab"]) -> Float[Tensor, "rows ctx-1 vocab"]:
+    """log softmax of the predictions at positions 0..ctx-2, in at least float32
+    (a bf16 log-softmax over 49k classes loses the digits CE differences live in)."""
+    return chunk[:, :-1].to(torch.promote_types(chunk.dtype, torch.float32)).log_softmax(-1)
+
+
+def clean_next_token(logits: Float[Tensor, "rows ctx vocab"], tokens: Int[Tensor, "rows ctx"]) -> CleanNextToken:
+    """Clean CE, probabilities and negative entropy, computed once per batch so that
+    each candidate's KL costs a single multiply-add over the vocabulary."""
+    rows, ctx, vocab = logits.shape
+    probs = torch.empty(rows, ctx - 1, vocab, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+    neg_entropy, ce = [], []
+    for i, chunk in enumerate(logits.split(ROW_CHUNK)):
+        r = slice(i * ROW_CHUNK, i * ROW_CHUNK + chunk.shape[0])
+        logp = _logprobs(chunk)
+        ce.append(-logp.gather(-1, tokens[r, 1:, None]).squeeze(-1))
+        torch.exp(logp, out=probs[r])
+        neg_entropy.append((probs[r] * logp).sum(-1))
+    return CleanNextToken(probs, torch.cat(neg_entropy), torch.cat(ce))
+
+
+def next_token_ce_kl(
+    logits: Float[Tensor, "rows ctx vocab"],
+    tokens: Int[Tensor, "rows ctx"],
+    clean: CleanNextToken | None = None,
+) -> tuple[Float[Tensor, "rows ctx-1"], Float[Tensor, "rows ctx-1"] | None]:
+    """Per-prediction CE of tokens[:, 1:] and, given the clean predictions, per-prediction
+    KL(clean || these) = sum p_clean log p_clean - sum p_clean log p. Row chunks keep the
+    vocab-sized temporaries small."""
+    ces, kls = [], []
+    for i, chunk in enumerate(logits.split(ROW_CHUNK)):
+        r = slice(i * ROW_CHUNK, i * ROW_CHUNK + chunk.shape[0])
+        logp = _logprobs(chunk)
+        ces.append(-logp.gather(-1, tokens[r, 1:, None]).squeeze(-1))
+        if clean is not None:
+            kls.append(clean.neg_entropy[r] - (clean.probs[r] * logp).sum(-1))
+    return torch.cat(ces), (torch.cat(kls) if clean is not None else None)
+
+
+def paired_stderr(batch_differences: Sequence[float]) -> float:
+    """std (ddof=1) of per-batch paired differences / sqrt(n_batches); NaN for < 2 batches."""
+    n = len(batch_differences)
+    if n < 2:
+        return float("nan")
+    mean = sum(batch_differences) / n
+    var = sum((d - mean) ** 2 for d in batch_differences) / (n - 1)
+    return math.sqrt(var / n)
+
+
+def fraction_recovered(ce_zero: float, ce: float, ce_clean: float) -> float:
+    """(ce_zero - ce) / (ce_zero - ce_clean); NaN when ablation does not change CE."""
+    gap = ce_zero - ce_clean
+    return (ce_zero - ce) / gap if gap != 0 else float("nan")
+
+
+class UnitStats:
+    """Running firing counts of one module's units, fed from its activation hook."""
+
+    def __init__(self, n_units: int) -> None:
+        self.n_units = n_units
+        self.fires = torch.zeros(n_units, dtype=torch.float64)
+        self.n_tokens = 0
+
+    def update(self, acts: Float[Tensor, "... n_units"]) -> None:
+        active = acts.detach().reshape(-1, acts.shape[-1]) != 0
+        self.fires += active.sum(0).cpu().to(torch.float64)  # a bool sum counts in int64
+        self.n_tokens += active.shape[0]
+
+    @property
+    def l0(self) -> float:
+        """Mean number of non-zero units per token."""
+        return float(self.fires.sum()) / self.n_tokens if self.n_tokens else float("nan")
+
+    @property
+    def n_dead(self) -> int:
+        """Units that never fired."""
+        return int((self.fires == 0).sum())
+
+    @property
+    def entropy(self) -> float:
+        """Entropy (nats) of the firing frequencies normalised to a distribution."""
+        total = self.fires.sum()
+        if total == 0:
+            return float("nan")
+        p = self.fires[self.fires > 0] / total
+        return float(-(p * p.log()).sum())
+
+    @property
+    def entropy_normalized(self) -> float:
+        """entropy / log(n_units), in [0, 1]."""
+        return self.entropy / math.log(self.n_units) if self.n_units > 1 else float("nan")
+
+
+def expert_cosine(mxd: MxD, n_sample: int = 512, seed: int = 0) -> float:
+    """Mean |cosine| between the flattened expert maps W_n = D diag(c_n) of a random
+    sample of `n_sample` experts, over all pairs of the sample: near 1 means collapse.
+
+    Never forms a W_n: column o of W_n is c_no D_:o, so
+    <W_n, W_m>_F = sum_o c_no c_mo ||D_:o||^2, and the whole sample's Gram matrix is
+    C_s diag(||D_:o||^2) C_s^T. Pairs with a zero map (e.g. D = 0 at init) have no
+    cosine and are left out; NaN when no pair is left (or N < 2).
+    """
+    if not isinstance(mxd, MxD):
+        raise ValueError(f"expert_cosine needs an MxD, got {type(mxd).__name__}")
+    if isinstance(n_sample, bool) or not isinstance(n_sample, int) or n_sample < 2:
+        raise ValueError(f"n_sample={n_sample!r} must be an integer >= 2 (cosines need pairs)")
+    n = mxd.cfg.n_experts
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randperm(n, generator=generator)[: min(n_sample, n)].to(mxd.W_dec.device)
+    with torch.no_grad():
+        C = mxd.W_dec[sample].double()  # [s, d_out]: rows c_n
+        col_sq = mxd.W_out.double().pow(2).sum(0)  # [d_out]: ||D_:o||^2
+        gram = (C * col_sq) @ C.T
+        norms = gram.diagonal().clamp_min(0).sqrt()
+        i, j = torch.triu_indices(len(sample), len(sample), offset=1, device=gram.device)
+        denom = norms[i] * norms[j]
+        valid = denom > 0
+        if not bool(valid.any()):
+            return float("nan")
+        return float((gram[i, j][valid].abs() / denom[valid]).mean())

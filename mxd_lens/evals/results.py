@@ -1,0 +1,113 @@
+"""The small dataclasses an evaluation returns; `to_dict()` gives JSON-ready dicts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf are not JSON: they become None (e.g. a stderr from a single batch)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass
+class CEBaselines:
+    """Next-token cross-entropy of the unmodified model and of the MLP ablations that
+    every candidate of one evaluation is measured against."""
+
+    ce_clean: float
+    """Mean next-token CE (nats) of the unmodified model."""
+    ce_zero_ablation: float
+    """Mean next-token CE with the output of every evaluated layer's MLP set to 0."""
+    ce_mean_ablation: float
+    """Mean next-token CE with every evaluated layer's MLP output replaced by its mean
+    output vector (see `mean_source`)."""
+    n_tokens: int
+    """Number of next-token predictions averaged over: rows * (ctx - 1)."""
+    layers: tuple[int, ...] = ()
+    """The layers whose MLPs were ablated (the layers every candidate replaces)."""
+    mean_source: str = "evaluation tokens"
+    """Where the mean MLP outputs came from: 'given' (the `mean_outputs` argument) or
+    'evaluation tokens' (their mean over the evaluated tokens themselves)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields, JSON-ready (non-finite floats become None)."""
+        return _jsonable(dataclasses.asdict(self))
+
+
+@dataclass
+class EvalResult:
+    """How faithfully one candidate (a set of replaced layers) stands in for the MLPs.
+
+    Reconstruction and unit statistics (nmse, l0, dead_fraction, usage_entropy) are
+    measured on the clean model's MLP inputs: each module sees exactly the input the
+    original MLP saw, also when several layers are replaced. The CE and KL figures splice
+    all of the candidate's layers in at once, so later modules then see inputs produced
+    with the earlier replacements in place.
+    """
+
+    nmse: float
+    """sum ||y_hat - y||^2 / sum ||y||^2 over all evaluated tokens, y the true output of
+    `model.blocks[L].mlp` and y_hat the module's output on that MLP's true input; the
+    mean over layers for several layers (every layer sees the same tokens, so this is
+    the token-weighted mean)."""
+    ce: float
+    """Mean next-token CE (nats) with the candidate's modules spliced in via `attach`."""
+    delta_ce: float
+    """ce - ce_clean."""
+    delta_ce_stderr: float
+    """Standard error of delta_ce over evaluation batches: the std (ddof=1) of the
+    per-batch paired differences divided by sqrt(n_batches); NaN (None in JSON) with a
+    single batch."""
+    ce_recovered: float
+    """(ce_zero_ablation - ce) / (ce_zero_ablation - ce_clean): 1 is perfect, 0 is no
+    better than deleting the MLP(s)."""
+    kl: float
+    """KL(clean || spliced) of the next-token distributions, nats, mean per prediction."""
+    l0: float
+    """Mean number of non-zero unit activations per token (read at the activation hook)."""
+    dead_fraction: float
+    """Fraction of units (over all layers) that never fired on the evaluated tokens."""
+    usage_entropy: float
+    """Entropy (nats) of the units' firing frequencies normalised to a distribution;
+    log(n_units) when every unit fires equally often. Mean over layers."""
+    expert_cos: float | None
+    """Mean |cosine| between flattened expert maps W_n = D diag(c_n) over pairs of a
+    random sample of experts (`expert_cosine`): near 1 means the experts collapsed
+    into one map. Mean over the MxD layers; None when the candidate has no MxD."""
+    n_tokens: int
+    """Number of next-token predictions the CE and KL figures average over."""
+    usage_entropy_normalized: float = float("nan")
+    """usage_entropy / log(n_units), in [0, 1] (mean over layers)."""
+    nmse_per_layer: dict[int, float] = field(default_factory=dict)
+    """NMSE of each replaced layer."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields, JSON-ready (non-finite floats become None, layer keys strings)."""
+        return _jsonable(dataclasses.asdict(self))
+
+
+@dataclass
+class EvalReport:
+    """The shared baselines and one `EvalResult` per candidate name."""
+
+    baselines: CEBaselines
+    """CE of the clean model and of the zero/mean-ablated MLPs, on the same tokens."""
+    results: dict[str, EvalResult]
+    """Candidate name -> its result, in the order the candidates were given."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """{'baselines': {...}, 'results': {name: {...}}}, JSON-ready."""
+        return {
+            "baselines": self.baselines.to_dict(),
+            "results": {name: r.to_dict() for name, r in self.results.items()},
+        }
