@@ -1,0 +1,110 @@
+"""The faithfulness curve against hand-written patched runs, on a tiny random model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mxd_lens import attach
+from mxd_lens.circuits import curve_figure, curve_grid, faithfulness_curve
+from tests.circuits.test_patching import LAYER, logit_diff, make_mxd, make_transcoder, tiny_model, tokens  # noqa: F401
+
+
+def run_with_nodes(model, corrupted, clean_tokens, module, nodes, metric) -> float:
+    """Full forward of the corrupted tokens with the given nodes set to clean values."""
+    names = {"unit": f"blocks.{LAYER}.mlp.{module.acts_hook_name}", "error": f"blocks.{LAYER}.mlp.hook_error",
+             "dense": f"blocks.{LAYER}.mlp.hook_hidden"}
+    _, cache = model.run_with_cache(clean_tokens, names_filter=list(names.values()))
+    hooks = []
+    for kind, name in names.items():
+        chosen = [(p, u) for k, p, u, _ in nodes if k == kind]
+        if not chosen or name not in cache:
+            continue
+
+        def hook(act, hook, chosen=chosen, clean=cache[name], kind=kind):
+            act = act.clone()
+            for p, u in chosen:
+                if kind == "unit":
+                    act[:, p, u] = clean[:, p, u]
+                else:
+                    act[:, p] = clean[:, p]
+            return act
+
+        hooks.append((name, hook))
+    with torch.no_grad():
+        return float(metric(model.run_with_hooks(corrupted, fwd_hooks=hooks)))
+
+
+@pytest.mark.parametrize("make", [make_mxd, make_transcoder], ids=["mxd", "transcoder"])
+def test_curve_points_match_hand_written_runs(tiny_model, tokens, make):
+    clean, corrupted, good, bad = tokens
+    metric = logit_diff(good, bad)
+    module = make()
+    with attach(tiny_model, {LAYER: module}, use_error_term=True):
+        curve = faithfulness_curve(tiny_model, clean, corrupted, metric, LAYER, n_points=12, n_top_nodes=10**6)
+        assert curve.n_nodes[0] == 0 and curve.n_nodes[-1] == curve.n_candidate_nodes
+        assert curve.fraction[0] == pytest.approx(0.0, abs=1e-5)
+        assert curve.fraction[-1] == pytest.approx(1.0, abs=1e-4)
+        # full patch == corrupted run with the clean MLP output
+        mlp = f"blocks.{LAYER}.hook_mlp_out"
+        _, cache = tiny_model.run_with_cache(clean, names_filter=mlp)
+        with torch.no_grad():
+            ref_full = float(metric(tiny_model.run_with_hooks(corrupted, fwd_hooks=[(mlp, lambda a, hook: cache[mlp])])))
+        assert curve.full_patch_metric == pytest.approx(ref_full, rel=1e-4, abs=1e-5)
+        # an intermediate point: the top-n nodes patched by hand
+        i = len(curve.n_nodes) // 2
+        n = curve.n_nodes[i]
+        assert 0 < n < curve.n_candidate_nodes
+        ref = run_with_nodes(tiny_model, corrupted, clean, module, curve.top_nodes[:n], metric)
+        frac = (ref - curve.corrupted_metric) / (curve.full_patch_metric - curve.corrupted_metric)
+        assert curve.fraction[i] == pytest.approx(frac, rel=1e-3, abs=1e-4)
+        # the error term alone
+        err_nodes = [("error", p, -1, 0.0) for p in range(clean.shape[1])]
+        ref_err = run_with_nodes(tiny_model, corrupted, clean, module, err_nodes, metric)
+        frac_err = (ref_err - curve.corrupted_metric) / (curve.full_patch_metric - curve.corrupted_metric)
+        assert curve.error_fraction == pytest.approx(frac_err, rel=1e-3, abs=1e-4)
+    kinds = {k for k, *_ in curve.top_nodes}
+    assert "error" in kinds and ("dense" in kinds) == (module.architecture == "mxd")
+    fig = curve_figure([curve])
+    assert len(fig.data) == 1 and list(fig.data[0].y) == curve.fraction
+
+
+def test_curve_grid_is_increasing_and_complete():
+    for n_max in (0, 5, 40, 1000, 31_337):
+        g = curve_grid(n_max, 30)
+        assert g[0] == 0 and g[-1] == n_max and g == sorted(set(g))
+    assert curve_grid(1000, 30)[:17] == list(range(17))
+
+
+def test_curve_rejects_bad_rank(tiny_model, tokens):
+    clean, corrupted, good, bad = tokens
+    with attach(tiny_model, {LAYER: make_mxd()}):
+        with pytest.raises(ValueError, match="rank='top'"):
+            faithfulness_curve(tiny_model, clean, corrupted, logit_diff(good, bad), LAYER, rank="top")
+
+
+def test_cli_circuit_writes_curves(default_model, tmp_path, capsys):
+    """`mxd-lens circuit DIR --n-prompts 2` on the default model with a saved (random) MxD."""
+    import argparse
+    import json
+
+    from mxd_lens import MxD, MxDConfig
+    from mxd_lens.circuits import add_subcommand
+
+    cfg = default_model.cfg
+    torch.manual_seed(0)
+    mxd = MxD(MxDConfig(d_in=cfg.d_model, d_out=cfg.d_model, d_hidden=64, n_experts=64, k=4, act_fn=cfg.act_fn,
+                        glu=cfg.gated_mlp, layer=0))  # fmt: skip
+    with torch.no_grad():
+        mxd.W_out.normal_(0, 0.05)
+    mxd.save(tmp_path / "run" / "mxd_k4")
+    parser = argparse.ArgumentParser()
+    add_subcommand(parser.add_subparsers())
+    args = parser.parse_args(["circuit", "--run", str(tmp_path / "run"), "--n-prompts", "2", "--out", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    curves = json.loads((tmp_path / "out" / "curves.json").read_text())
+    assert curves[0]["label"] == "mxd_k4" and curves[0]["fraction"][-1] == pytest.approx(1.0, abs=1e-3)
+    assert (tmp_path / "out" / "curves.html").stat().st_size > 10_000
+    assert "80% at" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no modules given"):
+        args.func(parser.parse_args(["circuit", "--out", str(tmp_path / "o2")]))
