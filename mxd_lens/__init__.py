@@ -13,6 +13,7 @@ from mxd_lens.params import match_n_experts, mxd_n_params, transcoder_n_params
 from mxd_lens.replacement import Replacement
 from mxd_lens.transcoder import SkipTranscoder, TopKTranscoder
 from mxd_lens import saelens as _saelens  # registers the SAE-Lens architectures
+from mxd_lens.sae_site import OutputSiteSAE  # registers the output-site SAE architecture
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "TranscoderConfig",
     "ReplacementConfig",
     "Replacement",
+    "OutputSiteSAE",
     "attach",
     "load",
     "save",

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from mxd_lens.config import TranscoderConfig
 from mxd_lens.io import ARCHITECTURES
+from mxd_lens.saelens import register_module_class
 from mxd_lens.transcoder import TopKTranscoder
 
 
@@ -97,6 +98,7 @@ class OutputSiteSAE(TopKTranscoder):
 
 # `mxd_lens.load` reads saved OutputSiteSAE folders once this module is imported.
 ARCHITECTURES.setdefault(OutputSiteSAE.architecture, (OutputSiteSAE, OutputSAEConfig))
+register_module_class(OutputSiteSAE)  # its folders load in SAE-Lens too
 
 
 @dataclass

@@ -1,0 +1,7 @@
+"""`python -m mxd_lens ...` is `mxd-lens ...`."""
+
+import sys
+
+from mxd_lens.cli import main
+
+sys.exit(main())

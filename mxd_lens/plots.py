@@ -1,0 +1,68 @@
+"""Plotly figures of frontier results, written as standalone HTML files."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+LABELS = {"mxd": "MxD", "transcoder": "TopK transcoder", "skip_transcoder": "skip transcoder"}
+COLORS = {"mxd": "#d62728", "transcoder": "#1f77b4", "skip_transcoder": "#2ca02c"}
+
+
+def frontier_figure(results: Mapping[str, Any]):
+    """Delta CE (with stderr bars) and NMSE against K, one line per method."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("CE increase with the layer replaced", "NMSE (held-out)"))
+    methods = list(dict.fromkeys(r["method"] for r in results["rows"]))
+    for method in methods:
+        rows = sorted((r for r in results["rows"] if r["method"] == method), key=lambda r: r["k"])
+        ks = [r["k"] for r in rows]
+        common = dict(mode="lines+markers", name=LABELS.get(method, method), legendgroup=method,
+                      line=dict(color=COLORS.get(method)))
+        fig.add_trace(
+            go.Scatter(
+                x=ks, y=[r["delta_ce"] for r in rows],
+                error_y=dict(type="data", array=[r["delta_ce_stderr"] or 0.0 for r in rows], visible=True),
+                **common,
+            ),
+            row=1, col=1,
+        )
+        fig.add_trace(go.Scatter(x=ks, y=[r["nmse"] for r in rows], showlegend=False, **common), row=1, col=2)
+    for col in (1, 2):
+        fig.update_xaxes(title_text="K (active units per token)", type="log", row=1, col=col)
+    fig.update_yaxes(title_text="delta CE (nats)", row=1, col=1)
+    fig.update_yaxes(title_text="NMSE", type="log", row=1, col=2)
+    fig.update_layout(
+        title=f"{results.get('model')} layer {results.get('layer')}: parameter-matched, "
+        f"{results.get('train_tokens'):,} training tokens per module, {results.get('eval_tokens'):,} held-out predictions",
+        template="plotly_white",
+        width=1100,
+        height=450,
+    )
+    return fig
+
+
+def write_html_atomic(fig, path: str | Path) -> Path:
+    """A standalone HTML file (plotly.js embedded, no network needed), written atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".html", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.write_html(tmp, include_plotlyjs=True, full_html=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_frontier_html(results: Mapping[str, Any], path: str | Path) -> Path:
+    """frontier_figure(results) as a standalone HTML file."""
+    return write_html_atomic(frontier_figure(results), path)
+
+
+__all__ = ["frontier_figure", "write_frontier_html", "write_html_atomic"]
