@@ -19,38 +19,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from mxd_lens import io
+from mxd_lens.frontier import RESULT_KEYS as RESULTS_KEYS  # one definition of the run format
+from mxd_lens.frontier import RESULTS_FILE, ROW_KEYS
 
-RESULTS_FILE = "results.json"
-RESULTS_KEYS = (
-    "model",
-    "layer",
-    "train_tokens",
-    "eval_tokens",
-    "ce_clean",
-    "ce_zero_ablation",
-    "ce_mean_ablation",
-    "seed",
-    "config",
-    "versions",
-    "rows",
-)
-"""Keys a run's results.json must have (written by the training run)."""
-ROW_KEYS = (
-    "method",
-    "k",
-    "n_params",
-    "nmse",
-    "ce",
-    "delta_ce",
-    "delta_ce_stderr",
-    "ce_recovered",
-    "kl",
-    "l0",
-    "dead_fraction",
-    "usage_entropy",
-    "expert_cos",
-)
-"""Keys of each row of results.json's `rows` (one per module)."""
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _MODULE_DIR = re.compile(r"^(?P<method>.+)_k(?P<k>\d+)$")
 
