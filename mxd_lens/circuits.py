@@ -16,7 +16,6 @@ carries alone, the part of the behaviour an unfaithful replacement leaves unexpl
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -26,6 +25,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from mxd_lens import atomic
 from mxd_lens.patching import (
     Metric,
     capture,
@@ -365,22 +365,13 @@ def patching_heatmap(
 
 
 def write_html(fig: Any, path: str | Path) -> Path:
-    """Write a standalone plotly HTML file atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
-    tmp.replace(path)
-    return path
+    """A standalone plotly HTML file, atomically."""
+    return atomic.write_html(fig, path)
 
 
 def write_json(obj: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)
-    return path
+    """JSON (tensors' floats included), atomically."""
+    return atomic.write_json(path, obj, default=float)
 
 
 # --- CLI -------------------------------------------------------------------------------

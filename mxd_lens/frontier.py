@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import os
 import tempfile
 import time
@@ -27,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from mxd_lens.atomic import write_json
 from mxd_lens.config import MxDConfig, TranscoderConfig, parse_dtype
 from mxd_lens.functional import ACT_FNS
 from mxd_lens.mxd import MxD
@@ -191,15 +190,8 @@ def versions() -> dict[str, str | None]:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    """json.dumps into a temporary sibling, then rename into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """results.json / training.json, atomically."""
+    write_json(path, payload)
 
 
 def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:

@@ -22,9 +22,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from mxd_lens.atomic import write_dir
 from mxd_lens.config import MxDConfig, ReplacementConfig, TranscoderConfig, parse_dtype
 from mxd_lens.mxd import MxD
 from mxd_lens.replacement import Replacement
@@ -290,24 +288,8 @@ def _st_dtype(code: str, path: Path, name: str) -> torch.dtype:
 
 
 # --- folders ------------------------------------------------------------------------------
-def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_dir)` then rename tmp_dir to `path` (replacing an old folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+atomic_write_dir = write_dir
+"""Kept under this name for callers of mxd_lens.io."""
 
 
 def save(

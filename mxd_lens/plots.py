@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
+
+from mxd_lens.atomic import write_html
 
 LABELS = {"mxd": "MxD", "transcoder": "TopK transcoder", "skip_transcoder": "skip transcoder"}
 COLORS = {"mxd": "#d62728", "transcoder": "#1f77b4", "skip_transcoder": "#2ca02c"}
@@ -46,23 +46,9 @@ def frontier_figure(results: Mapping[str, Any]):
     return fig
 
 
-def write_html_atomic(fig, path: str | Path) -> Path:
-    """A standalone HTML file (plotly.js embedded, no network needed), written atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".html", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.write_html(tmp, include_plotlyjs=True, full_html=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_frontier_html(results: Mapping[str, Any], path: str | Path) -> Path:
     """frontier_figure(results) as a standalone HTML file."""
-    return write_html_atomic(frontier_figure(results), path)
+    return write_html(frontier_figure(results), path)
 
 
-__all__ = ["frontier_figure", "write_frontier_html", "write_html_atomic"]
+__all__ = ["frontier_figure", "write_frontier_html"]

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import torch
 from jaxtyping import Int
 
+from mxd_lens.atomic import copy_file, write_text
 from mxd_lens.sources.cache import hub_offline, hub_reachable, mxd_lens_cache_dir
 from mxd_lens.sources.rdata import LazyLoadDB, text_columns
 
@@ -129,16 +130,16 @@ def prepare_default_corpus() -> Path:
         kept.mkdir(exist_ok=True)
         for path in debs.values():
             if path.parent.resolve() != kept.resolve():
-                _copy_atomic(path, kept / path.name)
+                copy_file(path, kept / path.name)
     for name, text in texts.items():
-        _write_atomic(folder / f"{name}.txt", text)
+        write_text(folder / f"{name}.txt", text)
     manifest = {
         "format": _CORPUS_FORMAT,
         "packages": {deb: debs[deb].name for deb in _DEBS},
         "books": {name: len(text) for name, text in texts.items()},
     }
     # The manifest goes last: its presence marks a complete cache.
-    _write_atomic(folder / "manifest.json", json.dumps(manifest, indent=1))
+    write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
     return folder
 
 
@@ -150,30 +151,6 @@ def _cache_is_complete(folder: Path) -> bool:
     return manifest.get("format") == _CORPUS_FORMAT and all(
         (folder / f"{book.name}.txt").is_file() for book in _BOOKS
     )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}-", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _obtain_debs(work: Path) -> dict[str, Path]:

@@ -17,9 +17,7 @@ readable-looking but broken latest checkpoint. Nothing is pickled.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,7 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from mxd_lens.io import atomic_write_dir, load
+from mxd_lens.atomic import write_dir as atomic_write_dir
+from mxd_lens.atomic import write_text
+from mxd_lens.io import load
 from mxd_lens.replacement import Replacement
 
 FORMAT = 1
@@ -99,17 +99,6 @@ def set_rng_state(states: Mapping[str, Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(
     directory: str | Path,
     step: int,
@@ -136,7 +125,7 @@ def save_checkpoint(
         (tmp / TRAINER_FILE).write_text(json.dumps(payload, indent=1))
 
     path = atomic_write_dir(directory / name, write)
-    _write_text_atomic(directory / LATEST, name + "\n")
+    write_text(directory / LATEST, name + "\n")
     done = sorted(p for p in directory.glob("step_*") if (p / TRAINER_FILE).is_file())
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

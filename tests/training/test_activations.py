@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mxd_lens.training import ActivationConfig, ActivationSource, DataPosition, NonFiniteActivationError
+from mxd_lens.training import ActivationConfig, ActivationSource, NonFiniteActivationError
 from tests.training.helpers import tiny_model, tiny_tokens
 
 
