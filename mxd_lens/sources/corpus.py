@@ -170,7 +170,14 @@ def _obtain_debs(work: Path) -> dict[str, Path]:
     kept = default_corpus_folder() / "debs"  # packages from an earlier fetch
     if all(list(kept.glob(f"{deb}_*.deb")) for deb in _DEBS):
         return {deb: sorted(kept.glob(f"{deb}_*.deb"))[-1] for deb in _DEBS}
-    _run(["apt-get", "download", *_DEBS], "downloading the corpus packages", cwd=work)
+    try:
+        _run(["apt-get", "download", *_DEBS], "downloading the corpus packages", cwd=work)
+    except RuntimeError:
+        # A fresh machine may have empty package lists; as root, refresh them once and retry.
+        if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+            raise
+        _run(["apt-get", "update", "-qq"], "refreshing the package lists")
+        _run(["apt-get", "download", *_DEBS], "downloading the corpus packages", cwd=work)
     debs = {deb: sorted(work.glob(f"{deb}_*.deb")) for deb in _DEBS}
     missing = [deb for deb, paths in debs.items() if not paths]
     if missing:
