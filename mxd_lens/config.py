@@ -33,8 +33,25 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return resolved
 
 
+class JsonConfig:
+    """`to_dict` / `from_dict` for config dataclasses: every config round-trips through JSON."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Build from `to_dict` output; unknown keys are an error, not silently dropped."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected a subset of {sorted(names)}")
+        return cls(**d)
+
+
 @dataclass(kw_only=True)
-class ReplacementConfig:
+class ReplacementConfig(JsonConfig):
     """Fields shared by every module that stands in for an MLP."""
 
 
@@ -78,18 +95,6 @@ class ReplacementConfig:
         """Number of sparse units (experts or latents)."""
         raise NotImplementedError
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ReplacementConfig":
-        """Build from `to_dict` output; unknown keys are an error, not silently dropped."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected a subset of {sorted(names)}")
-        return cls(**d)
 
 
 @dataclass(kw_only=True)
@@ -166,6 +171,7 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 __all__ = [
+    "JsonConfig",
     "ReplacementConfig",
     "MxDConfig",
     "TranscoderConfig",

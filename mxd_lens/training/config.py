@@ -6,14 +6,13 @@ weights and in every checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from mxd_lens.config import parse_dtype
+from mxd_lens.config import JsonConfig, parse_dtype
 
 LossNorm = Literal["batch", "token"]
 Schedule = Literal["constant", "cosine"]
@@ -73,23 +72,8 @@ def resolve_autocast(setting: str | None, device: str | torch.device = "cpu") ->
     return _AUTO_CACHE[key]
 
 
-class _JsonConfig:
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of every field."""
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]):
-        """Build from `to_dict` output; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {unknown}; expected a subset of {sorted(names)}")
-        return cls(**d)
-
-
 @dataclass(kw_only=True)
-class ActivationConfig(_JsonConfig):
+class ActivationConfig(JsonConfig):
     """How (MLP input, MLP output) pairs are collected from the language model."""
 
     model_batch_rows: int = 16
@@ -136,7 +120,7 @@ class ActivationConfig(_JsonConfig):
 
 
 @dataclass(kw_only=True)
-class TrainerConfig(_JsonConfig):
+class TrainerConfig(JsonConfig):
     """How replacement modules are trained (every module in a run gets the same settings)."""
 
     train_tokens: int = 1_000_000
