@@ -3,47 +3,58 @@
 Sparse, faithful replacements for a transformer's MLP layers whose experts are full-rank
 linear maps, with TopK transcoder baselines, splicing into HookedTransformer models,
 training, evaluation and SAE-Lens interop.
+
+Importing the package is light (no torch): every public name below is imported on first
+use, so `mxd-lens --help` answers at once. SAE-Lens still learns our architectures on
+`import mxd_lens`: they are registered right away when SAE-Lens is already imported, else
+the moment it is (see `mxd_lens._saelens_hook`), so `SAE.load_from_disk` works after
+`import mxd_lens` either way.
 """
 
-from mxd_lens.attach import attach
-from mxd_lens.config import MxDConfig, ReplacementConfig, TranscoderConfig
-from mxd_lens.io import load, save
-from mxd_lens.mxd import MxD
-from mxd_lens.params import match_n_experts, mxd_n_params, transcoder_n_params
-from mxd_lens.replacement import Replacement
-from mxd_lens.transcoder import SkipTranscoder, TopKTranscoder
-from mxd_lens import saelens as _saelens  # registers the SAE-Lens architectures
-from mxd_lens.sae_site import OutputSiteSAE  # registers the output-site SAE architecture
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from mxd_lens._saelens_hook import install as _install_saelens_hook
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MxD",
-    "MxDConfig",
-    "TopKTranscoder",
-    "SkipTranscoder",
-    "TranscoderConfig",
-    "ReplacementConfig",
-    "Replacement",
-    "OutputSiteSAE",
-    "attach",
-    "load",
-    "save",
-    "match_n_experts",
-    "mxd_n_params",
-    "transcoder_n_params",
-    "load_default_model",
-    "load_default_corpus",
-    "load_model",
-    "load_texts",
-    "__version__",
-]
+_EXPORTS: dict[str, str] = {
+    "MxD": "mxd_lens.architectures.mxd",
+    "MxDConfig": "mxd_lens.architectures.mxd",
+    "TopKTranscoder": "mxd_lens.architectures.transcoder",
+    "SkipTranscoder": "mxd_lens.architectures.transcoder",
+    "TranscoderConfig": "mxd_lens.architectures.transcoder",
+    "ReplacementConfig": "mxd_lens.architectures.base",
+    "Replacement": "mxd_lens.architectures.base",
+    "OutputSiteSAE": "mxd_lens.architectures.output_sae",
+    "SAELensModule": "mxd_lens.architectures.saelens_adapter",
+    "attach": "mxd_lens.attach",
+    "load": "mxd_lens.storage",
+    "save": "mxd_lens.storage",
+    "match_n_experts": "mxd_lens.params",
+    "mxd_n_params": "mxd_lens.params",
+    "transcoder_n_params": "mxd_lens.params",
+    "load_default_model": "mxd_lens.sources",
+    "load_default_corpus": "mxd_lens.sources",
+    "load_model": "mxd_lens.sources",
+    "load_texts": "mxd_lens.sources",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
 
 
-def __getattr__(name: str):
-    # The data sources pull in transformers/gguf; import them only when asked for.
-    if name in {"load_default_model", "load_default_corpus", "load_model", "load_texts"}:
-        from mxd_lens import sources
-
-        return getattr(sources, name)
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'mxd_lens' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+_install_saelens_hook()

@@ -8,6 +8,7 @@ place gets the usual permissions under the process umask, like a plain `open()`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -43,9 +44,25 @@ def write_text(path: str | Path, text: str) -> Path:
     return write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def jsonable(value: Any) -> Any:
+    """`value` with every NaN/inf float replaced by None (JSON has no NaN), recursively;
+    dict keys become strings, tuples lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
 def write_json(path: str | Path, obj: Any, **dumps_kwargs: Any) -> Path:
-    """An indented JSON file, atomically."""
-    return write_text(path, json.dumps(obj, indent=2, **dumps_kwargs))
+    """An indented JSON file, atomically. NaN and inf are written as null: a strict JSON
+    reader (and SAE-Lens's) would refuse them."""
+    default = dumps_kwargs.pop("default", None)
+    if default is not None:  # apply it first so that the NaN check sees the converted values
+        obj = json.loads(json.dumps(obj, default=default))
+    return write_text(path, json.dumps(jsonable(obj), indent=2, allow_nan=False, **dumps_kwargs))
 
 
 def write_html(fig: Any, path: str | Path) -> Path:

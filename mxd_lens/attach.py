@@ -8,16 +8,9 @@ from typing import Iterator, Mapping
 import torch
 from transformer_lens import HookedTransformer
 
-from mxd_lens.replacement import Replacement, Splice
-
-
-def model_dtype(model: HookedTransformer) -> torch.dtype:
-    """The dtype of the model's weights (cfg.dtype can disagree after a .to())."""
-    return next(model.parameters()).dtype
-
-
-def model_device(model: HookedTransformer) -> torch.device:
-    return next(model.parameters()).device
+from mxd_lens.architectures.base import Replacement, Splice
+from mxd_lens.model_io import model_device, model_dtype
+from mxd_lens.validation import check_layer
 
 
 def check_attachable(model: object, replacements: Mapping[int, Replacement]) -> None:
@@ -36,8 +29,7 @@ def check_attachable(model: object, replacements: Mapping[int, Replacement]) -> 
     dtype, device = model_dtype(model), model_device(model)
     seen: set[int] = set()
     for layer, module in replacements.items():
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-            raise ValueError(f"layer={layer!r} is out of range: the model has layers 0..{n_layers - 1}")
+        check_layer(layer, n_layers)
         if not isinstance(module, Replacement):
             raise ValueError(
                 f"layer {layer}: expected an mxd_lens module (MxD, TopKTranscoder, SkipTranscoder...), "

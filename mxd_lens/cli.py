@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from mxd_lens.frontier import METHODS, FrontierConfig
+from mxd_lens.experiments.frontier import METHODS, FrontierConfig
 
 # Other subcommands live beside their code; each module offers add_subcommand(subparsers).
 PLUGIN_MODULES = ("mxd_lens.publish", "mxd_lens.circuits")
@@ -147,7 +147,7 @@ def config_from_args(args: argparse.Namespace, base: FrontierConfig) -> Frontier
 
 
 def _cmd_frontier(args: argparse.Namespace, base: FrontierConfig) -> int:
-    from mxd_lens.frontier import run_frontier
+    from mxd_lens.experiments.frontier import run_frontier
 
     cfg = config_from_args(args, base)
     run_frontier(cfg, args.out, overwrite=args.overwrite)
@@ -156,7 +156,7 @@ def _cmd_frontier(args: argparse.Namespace, base: FrontierConfig) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mxd_lens.config import parse_dtype
-    from mxd_lens.frontier import load_docs, prepare_out_dir, tokenize_docs, train_modules, write_json_atomic
+    from mxd_lens.experiments.frontier import load_docs, prepare_out_dir, tokenize_docs, train_modules, write_json_atomic
     from mxd_lens.sources import load_model
 
     cfg = config_from_args(args, FrontierConfig())
@@ -176,8 +176,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mxd_lens.evals import evaluate_many
-    from mxd_lens.frontier import format_table, prepare_out_dir, write_json_atomic
-    from mxd_lens.io import load
+    from mxd_lens.experiments.frontier import format_table, prepare_out_dir, write_json_atomic
+    from mxd_lens.storage import load
     from mxd_lens.sources import load_default_corpus, load_model, load_texts, token_rows
 
     out = prepare_out_dir(args.out, overwrite=True) if args.out else None

@@ -139,6 +139,73 @@ def topk_mix(sparse: TopK, rows: Float[Tensor, "n d_out"]) -> Float[Tensor, "...
     return sparse_mix(flat, rows).reshape(*lead, rows.shape[-1])
 
 
+class _SelectedPre(torch.autograd.Function):
+    """pre[t, idx[t, j]] for pre = x @ W + b computed without autograd, with a backward
+    that touches only the selected units: dL/dW = x^T G with G the [tokens, n] matrix
+    that is non-zero at the K selected entries per token, as one sparse-dense product
+    (K/n of the dense product's work; the dense gradient of pre is exactly zero
+    elsewhere, since TopK passes no gradient to unselected units)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W: Tensor, b: Tensor, pre: Tensor, idx: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, W, idx)
+        return pre.gather(-1, idx)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, W, idx = ctx.saved_tensors
+        tokens, k = idx.shape
+        n = W.shape[1]
+        flat_idx, flat_grad = idx.reshape(-1), grad.reshape(-1)
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[1]:
+            rows = torch.arange(tokens, device=idx.device).repeat_interleave(k)
+            g = torch.sparse_coo_tensor(
+                torch.stack([flat_idx, rows]), flat_grad.to(W.dtype), (n, tokens), check_invariants=False
+            )
+            grad_W = torch.sparse.mm(g, x.to(W.dtype)).t()
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(n, dtype=W.dtype, device=W.device).index_add_(0, flat_idx, flat_grad.to(W.dtype))
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad.unsqueeze(-1).to(W.dtype) * W.t()[idx]).sum(1).to(x.dtype)
+        return grad_x, grad_W, grad_b, None, None
+
+
+def select_topk(
+    x: Float[Tensor, "tokens d_in"],
+    W: Float[Tensor, "d_in n"],
+    b: Float[Tensor, " n"],
+    pre: Float[Tensor, "tokens n"],
+    idx: Int[Tensor, "tokens k"],
+) -> TopK:
+    """TopK(ReLU(pre[idx]), idx) for pre = x @ W + b computed without autograd: the
+    gradient reaches only the selected units of W and b (the training fast path)."""
+    return TopK(torch.relu(_SelectedPre.apply(x, W, b, pre, idx)), idx)
+
+
+def squared_error_sums(y_hat: Tensor, y: Tensor) -> tuple[float, float]:
+    """(sum ||y_hat - y||^2, sum ||y||^2) in float64: NMSE over many batches is the ratio
+    of these sums (`nmse` of one batch with norm='batch' is the same ratio)."""
+    y = y.double()
+    return float((y_hat.double() - y).pow(2).sum()), float(y.pow(2).sum())
+
+
+def nmse(y_hat: Tensor, y: Tensor, norm: str = "batch") -> Tensor:
+    """Normalised squared error in fp32 over the leading dimensions.
+
+    'batch': sum ||y_hat - y||^2 / sum ||y||^2 (the training loss and the reported
+    NMSE: scale-invariant, weighs tokens by their target energy); 'token': the mean over
+    tokens of ||e||^2 / ||y||^2.
+    """
+    err = (y_hat.float() - y.float()).pow(2).sum(-1)
+    energy = y.float().pow(2).sum(-1)
+    if norm == "batch":
+        return err.sum() / energy.sum().clamp_min(1e-12)
+    if norm == "token":
+        return (err / energy.clamp_min(1e-12)).mean()
+    raise ValueError(f"norm={norm!r}; expected 'batch' or 'token'")
+
+
 def transcoder_combine(
     mix: Float[Tensor, "tokens d_out"], b_dec: Float[Tensor, " d_out"], skip: Float[Tensor, "tokens d_out"] | None = None
 ) -> Float[Tensor, "tokens d_out"]:

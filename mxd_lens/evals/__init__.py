@@ -6,7 +6,7 @@ usage and (for MxDs) an expert-collapse check.
     report.baselines.ce_clean, report.results["mxd_k32"].delta_ce
 """
 
-from mxd_lens.evals.metrics import expert_cosine
+from mxd_lens.architectures.mxd import expert_cosine
 from mxd_lens.evals.results import CEBaselines, EvalReport, EvalResult
 from mxd_lens.evals.runner import evaluate, evaluate_many, mlp_output_means
 

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from mxd_lens.attach import check_attachable, model_device, model_dtype
-from mxd_lens.replacement import Replacement
+from mxd_lens.attach import check_attachable
+from mxd_lens.model_io import model_device, model_dtype
+from mxd_lens.architectures.base import Replacement
 
 
 def check_tokens(model: HookedTransformer, tokens: object) -> None:

@@ -2,7 +2,8 @@
 
 Everything here is a small function of tensors already computed by the runner: the
 next-token CE and KL of a batch of logits, the running statistics of unit
-activations, the paired standard error, and the collapse check of an MxD's experts.
+activations and the paired standard error. Architecture-specific figures (an MxD's
+expert-collapse check) come from each module's own `metrics()`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mxd_lens.mxd import MxD
 
 ROW_CHUNK = 2
 """Rows per log-softmax: bounds the [rows, ctx, vocab] temporaries to a few rows."""
@@ -122,32 +122,3 @@ class UnitStats:
     def entropy_normalized(self) -> float:
         """entropy / log(n_units), in [0, 1]."""
         return self.entropy / math.log(self.n_units) if self.n_units > 1 else float("nan")
-
-
-def expert_cosine(mxd: MxD, n_sample: int = 512, seed: int = 0) -> float:
-    """Mean |cosine| between the flattened expert maps W_n = D diag(c_n) of a random
-    sample of `n_sample` experts, over all pairs of the sample: near 1 means collapse.
-
-    Never forms a W_n: column o of W_n is c_no D_:o, so
-    <W_n, W_m>_F = sum_o c_no c_mo ||D_:o||^2, and the whole sample's Gram matrix is
-    C_s diag(||D_:o||^2) C_s^T. Pairs with a zero map (e.g. D = 0 at init) have no
-    cosine and are left out; NaN when no pair is left (or N < 2).
-    """
-    if not isinstance(mxd, MxD):
-        raise ValueError(f"expert_cosine needs an MxD, got {type(mxd).__name__}")
-    if isinstance(n_sample, bool) or not isinstance(n_sample, int) or n_sample < 2:
-        raise ValueError(f"n_sample={n_sample!r} must be an integer >= 2 (cosines need pairs)")
-    n = mxd.cfg.n_experts
-    generator = torch.Generator().manual_seed(seed)
-    sample = torch.randperm(n, generator=generator)[: min(n_sample, n)].to(mxd.W_dec.device)
-    with torch.no_grad():
-        C = mxd.W_dec[sample].double()  # [s, d_out]: rows c_n
-        col_sq = mxd.W_out.double().pow(2).sum(0)  # [d_out]: ||D_:o||^2
-        gram = (C * col_sq) @ C.T
-        norms = gram.diagonal().clamp_min(0).sqrt()
-        i, j = torch.triu_indices(len(sample), len(sample), offset=1, device=gram.device)
-        denom = norms[i] * norms[j]
-        valid = denom > 0
-        if not bool(valid.any()):
-            return float("nan")
-        return float((gram[i, j][valid].abs() / denom[valid]).mean())

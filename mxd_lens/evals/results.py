@@ -8,15 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def _jsonable(value: Any) -> Any:
-    """NaN/inf are not JSON: they become None (e.g. a stderr from a single batch)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
+from mxd_lens.atomic import jsonable as _jsonable  # NaN/inf -> None (e.g. a single batch's stderr)
 
 
 @dataclass
@@ -89,6 +81,9 @@ class EvalResult:
     usage_entropy_normalized: float = float("nan")
     """usage_entropy / log(n_units), in [0, 1] (mean over layers)."""
     nmse_per_layer: dict[int, float] = field(default_factory=dict)
+    module_metrics: dict[str, float] = field(default_factory=dict)
+    """The modules' own figures (`Replacement.metrics()`, e.g. an MxD's expert_cos), mean
+    over the layers whose modules report them."""
     """NMSE of each replaced layer."""
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,28 +16,29 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from mxd_lens.attach import attach, model_device
+from mxd_lens.attach import attach
 from mxd_lens.evals.checks import check_batch_size, check_candidates, check_mean_outputs, check_tokens
 from mxd_lens.evals.metrics import (
     CleanNextToken,
     UnitStats,
     clean_next_token,
-    expert_cosine,
     fraction_recovered,
     next_token_ce_kl,
     paired_stderr,
 )
-from mxd_lens.evals.passes import (
+from mxd_lens.model_io import (
     Prefix,
     batches,
     capture_mlp_io,
     constant_mlp_outputs,
-    mlp_output_means,
+    model_device,
+    model_dtype,
     run_prefix,
 )
 from mxd_lens.evals.results import CEBaselines, EvalReport, EvalResult
-from mxd_lens.mxd import MxD
-from mxd_lens.replacement import Replacement
+from mxd_lens.functional import squared_error_sums
+from mxd_lens.validation import check_layer
+from mxd_lens.architectures.base import Replacement
 
 
 @dataclass
@@ -75,9 +76,9 @@ class _Tally:
         for layer, module in replacements.items():
             x, y = mlp_io[layer]
             y_hat = _reconstruct_with_stats(module, x if module.cfg.input_site == "mlp_in" else y, self.units[layer])
-            y = y.double()
-            self.err_sq[layer] = self.err_sq.get(layer, 0.0) + float((y_hat.double() - y).pow(2).sum())
-            self.target_sq[layer] = self.target_sq.get(layer, 0.0) + float(y.pow(2).sum())
+            err, energy = squared_error_sums(y_hat, y)
+            self.err_sq[layer] = self.err_sq.get(layer, 0.0) + err
+            self.target_sq[layer] = self.target_sq.get(layer, 0.0) + energy
 
 
 def _ablated_ce_sum(
@@ -192,7 +193,10 @@ def _result(
     layers = sorted(replacements)
     nmse_per_layer = {l: tally.err_sq[l] / tally.target_sq[l] if tally.target_sq[l] else float("nan") for l in layers}
     units = [tally.units[l] for l in layers]
-    mxds = [m for m in replacements.values() if isinstance(m, MxD)]
+    own: dict[str, list[float]] = {}
+    for module in replacements.values():
+        for key, value in module.metrics().items():
+            own.setdefault(key, []).append(value)
     ce = tally.ce_sum / n_pred
     return EvalResult(
         nmse=_mean(list(nmse_per_layer.values())),
@@ -204,10 +208,11 @@ def _result(
         l0=_mean([u.l0 for u in units]),
         dead_fraction=sum(u.n_dead for u in units) / sum(u.n_units for u in units),
         usage_entropy=_mean([u.entropy for u in units]),
-        expert_cos=_mean([expert_cosine(m) for m in mxds]) if mxds else None,
+        expert_cos=_mean(own["expert_cos"]) if "expert_cos" in own else None,
         n_tokens=n_pred,
         usage_entropy_normalized=_mean([u.entropy_normalized for u in units]),
         nmse_per_layer=nmse_per_layer,
+        module_metrics={key: _mean(values) for key, values in own.items()},
     )
 
 
@@ -220,3 +225,33 @@ def evaluate(
     """`evaluate_many` for one candidate: returns (baselines, result)."""
     report = evaluate_many(model, {"candidate": replacements}, tokens, **kwargs)
     return report.baselines, report.results["candidate"]
+
+
+def mlp_output_means(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "rows ctx"],
+    layers: tuple[int, ...] | list[int],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[int, Float[Tensor, " d_model"]]:
+    """Mean output of `model.blocks[L].mlp` over every position of `tokens`, per layer
+    (the mean-ablation vectors), accumulated in float64; stops after the last layer."""
+    check_tokens(model, tokens)
+    batch_size = check_batch_size(batch_size)
+    layers = tuple(sorted(layers))
+    if not layers:
+        raise ValueError("layers is empty; expected one or more layers")
+    for layer in layers:
+        check_layer(layer, model.cfg.n_layers)
+    sums = {layer: torch.zeros(model.cfg.d_model, dtype=torch.float64) for layer in layers}
+    device = model_device(model)
+    with torch.no_grad():
+        for batch in batches(tokens, batch_size, progress, "mean MLP outputs"):
+            with capture_mlp_io(model, layers) as io:
+                model(batch.to(device), stop_at_layer=layers[-1] + 1)
+            for layer in layers:
+                sums[layer] += io[layer][1].double().sum((0, 1)).cpu()
+    return {l: (s / tokens.numel()).to(device, model_dtype(model)) for l, s in sums.items()}
+
+

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,9 +23,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from mxd_lens.architectures.base import Replacement, default_hook_names
+from mxd_lens.atomic import write_file
 from mxd_lens.config import parse_dtype
-from mxd_lens.replacement import Replacement
-from mxd_lens.training.config import ActivationConfig, resolve_autocast
+from mxd_lens.model_io import capture_mlp_io, model_device
+from mxd_lens.precision import resolve_autocast
+from mxd_lens.training.config import ActivationConfig
+from mxd_lens.validation import check_layer
 
 Pair = tuple[Float[Tensor, "tokens d_in"], Float[Tensor, "tokens d_out"]]
 
@@ -37,45 +39,29 @@ class NonFiniteActivationError(ValueError):
 
 
 def input_hook_name(layer: int) -> str:
-    """The TransformerLens hook that carries the MLP's input (fold_ln=True, pre-norm)."""
-    return f"blocks.{layer}.ln2.hook_normalized"
+    """The TransformerLens hook recorded as the module's input site in cfg.json (the MLP's
+    input for a pre-norm model loaded with fold_ln=True; activations are captured with a
+    module hook on `blocks[L].mlp` itself, which is exact for every model)."""
+    return default_hook_names(layer, "mlp_in")[0]
 
 
 def output_hook_name(layer: int) -> str:
-    """The TransformerLens hook that carries the MLP's output."""
-    return f"blocks.{layer}.hook_mlp_out"
+    """The TransformerLens hook recorded as the module's output site in cfg.json."""
+    return default_hook_names(layer, "mlp_in")[1]
 
 
 def check_servable(model: HookedTransformer, layer: int) -> None:
-    """Raise ValueError unless blocks.L.ln2.hook_normalized / blocks.L.hook_mlp_out are
-    exactly the input / output of blocks[L].mlp (the module `attach` replaces)."""
+    """Raise ValueError unless `model.blocks[layer].mlp` is an original MLP whose input
+    and output can be captured (module hooks on the MLP itself: every normalisation
+    scheme, folded or not, pre- or post-norm, is served)."""
     if not isinstance(model, HookedTransformer):
         raise ValueError(f"expected a transformer_lens.HookedTransformer, got {type(model).__name__}")
-    n_layers = model.cfg.n_layers
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-        raise ValueError(f"layer={layer!r} is out of range: the model has layers 0..{n_layers - 1}")
+    check_layer(layer, model.cfg.n_layers)
     block = model.blocks[layer]
     if model.cfg.attn_only or not hasattr(block, "mlp"):
         raise ValueError(f"layer {layer} has no MLP (attention-only model)")
     if isinstance(block.mlp, Replacement):
         raise ValueError(f"layer {layer} has a replacement attached; collect activations outside attach()")
-    norm = model.cfg.normalization_type
-    if norm in ("LN", "RMS"):
-        raise ValueError(
-            f"layer {layer}: the model was loaded with fold_ln=False (normalization_type={norm!r}), so "
-            f"{input_hook_name(layer)} fires before the norm's weight and is not the MLP's input; "
-            "load it with fold_ln=True (normalization_type 'LNPre' or 'RMSPre')"
-        )
-    if norm is None:
-        raise ValueError(
-            f"layer {layer}: the model has no normalisation before its MLP (normalization_type=None), "
-            f"so there is no {input_hook_name(layer)} hook to read the MLP input from"
-        )
-    if model.cfg.use_normalization_before_and_after or hasattr(block, "ln2_post"):
-        raise ValueError(
-            f"layer {layer}: the model normalises after the MLP (ln2_post, e.g. Gemma), so "
-            f"{output_hook_name(layer)} is not the MLP's raw output; such models are not supported yet"
-        )
 
 
 @dataclass(frozen=True)
@@ -100,7 +86,8 @@ class ActivationSource:
     """Aligned (MLP input, MLP output) batches for several layers from one model pass.
 
     Args:
-        model: a HookedTransformer loaded with fold_ln=True and a pre-norm MLP.
+        model: a HookedTransformer (any normalisation: the MLP's own input and output
+            are captured with module hooks).
         layers: the layers whose MLP pairs are needed.
         tokens: token rows [rows, ctx]; this worker reads its shard (rank, world_size).
         cfg: collection settings.
@@ -184,7 +171,8 @@ class ActivationSource:
         return torch.autocast(device_type, dtype=self.autocast_dtype)
 
     def _check_site(self, layer: int, x: Tensor, y: Tensor) -> None:
-        """blocks[L].mlp(captured input) must equal the captured output."""
+        """blocks[L].mlp(captured input) must equal the captured output: the MLP is a pure
+        function of its input (no state or randomness a replacement could not copy)."""
         x, y = x[:2], y[:2]  # two rows are enough and cheap
         with torch.no_grad(), self._autocast():
             again = self.model.blocks[layer].mlp(x)
@@ -192,35 +180,27 @@ class ActivationSource:
         tol = 1e-4 if self.autocast_dtype is None else 3e-2
         if not err <= tol:
             raise ValueError(
-                f"layer {layer}: blocks[{layer}].mlp({input_hook_name(layer)}) differs from "
-                f"{output_hook_name(layer)} (relative error {float(err):.3g} > {tol}); these hooks are "
-                "not the MLP's input and output in this model, so it cannot be served"
+                f"layer {layer}: blocks[{layer}].mlp(its captured input) differs from its captured output "
+                f"(relative error {float(err):.3g} > {tol}); the MLP is not a function of its input alone "
+                "(dropout in train mode?), so no replacement can be trained on it"
             )
 
     def collect(self, row_indices: Tensor) -> dict[int, Pair]:
         """Run the model on the given rows; per layer, the (input, output) pairs
         [rows * ctx, d_model] in row-major token order."""
-        device = next(self.model.parameters()).device
+        device = model_device(self.model)
         parts: dict[int, tuple[list[Tensor], list[Tensor]]] = {layer: ([], []) for layer in self.layers}
-        captured: dict[str, Tensor] = {}
-
-        def grab(act: Tensor, hook) -> None:
-            captured[hook.name] = act.detach()
-
-        hooks = [(input_hook_name(layer), grab) for layer in self.layers]
-        hooks += [(output_hook_name(layer), grab) for layer in self.layers]
         step = self.cfg.model_batch_rows
         started = time.perf_counter()
         for start in range(0, len(row_indices), step):
             rows = row_indices[start : start + step]
             if self.status is not None:
                 self.status.set_description_str(f"collect {start}/{len(row_indices)} rows", refresh=True)
-            captured.clear()
-            with torch.no_grad(), self._autocast(), self.model.hooks(fwd_hooks=hooks):
+            with torch.no_grad(), self._autocast(), capture_mlp_io(self.model, self.layers) as captured:
                 self.model(self.tokens[rows].to(device), stop_at_layer=self.layers[-1] + 1)
             for layer in self.layers:
-                x, y = captured[input_hook_name(layer)], captured[output_hook_name(layer)]
-                for site, act in ((input_hook_name(layer), x), (output_hook_name(layer), y)):
+                x, y = captured[layer]
+                for site, act in ((f"blocks.{layer}.mlp input", x), (f"blocks.{layer}.mlp output", y)):
                     if not torch.isfinite(act).all():
                         bad = (~torch.isfinite(act)).flatten(1).any(1).nonzero().flatten()
                         raise NonFiniteActivationError(
@@ -280,18 +260,10 @@ class ActivationSource:
     def _write_shard(self, chunk: int, data: dict[int, Pair]) -> None:
         if self._cache_folder is None:
             return
-        self._cache_folder.mkdir(parents=True, exist_ok=True)
         flat = {}
         for layer, (x, y) in data.items():
             flat[f"{layer}.in"], flat[f"{layer}.out"] = x.contiguous(), y.contiguous()
-        fd, tmp = tempfile.mkstemp(prefix=".chunk-", suffix=".tmp", dir=self._cache_folder)
-        os.close(fd)
-        try:
-            save_file(flat, tmp)
-            os.replace(tmp, self._shard_path(chunk))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_file(self._shard_path(chunk), lambda tmp: save_file(flat, str(tmp)))
 
     # --- the stream --------------------------------------------------------------
     def chunk_order(self, epoch: int) -> list[int]:

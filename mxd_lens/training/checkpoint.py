@@ -28,8 +28,8 @@ from torch import Tensor
 
 from mxd_lens.atomic import write_dir as atomic_write_dir
 from mxd_lens.atomic import write_text
-from mxd_lens.io import load
-from mxd_lens.replacement import Replacement
+from mxd_lens.storage import load
+from mxd_lens.architectures.base import Replacement
 
 FORMAT = 1
 LATEST = "LATEST"

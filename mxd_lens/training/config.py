@@ -6,70 +6,24 @@ weights and in every checkpoint.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
-
-from mxd_lens.config import JsonConfig, parse_dtype
+from mxd_lens.config import JsonConfig, dtype_name
+from mxd_lens.validation import check_non_negative_int as _check_non_negative
+from mxd_lens.validation import check_positive_int as _check_positive
 
 LossNorm = Literal["batch", "token"]
 Schedule = Literal["constant", "cosine"]
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
-
-
-def _check_non_negative(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}={value!r} must be a non-negative integer")
 
 
 def _check_dtype(name: str, value: str | None) -> None:
     if value is None or value == "auto":
         return
     try:
-        parse_dtype(value)
+        dtype_name(value)
     except ValueError:
         raise ValueError(f"{name}={value!r} is not a floating-point dtype (e.g. 'float32', 'bfloat16')") from None
-
-
-_AUTO_CACHE: dict[str, torch.dtype | None] = {}
-
-
-def resolve_autocast(setting: str | None, device: str | torch.device = "cpu") -> torch.dtype | None:
-    """The autocast dtype to use: None (off), a dtype name, or 'auto'.
-
-    'auto' times one [512 x 576] @ [576 x 1536] product in float32 and in bfloat16 on
-    `device` and picks bfloat16 only when it is faster: CPUs with AMX or AVX512-BF16
-    run it several times faster, CPUs without (AVX2 only) emulate it ~50x slower.
-    """
-    if setting is None:
-        return None
-    if setting != "auto":
-        return parse_dtype(setting)
-    device = torch.device(device)
-    key = str(device)
-    if key not in _AUTO_CACHE:
-        a = torch.randn(512, 576, device=device)
-        b = torch.randn(576, 1536, device=device)
-        times = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            x, w = a.to(dtype), b.to(dtype)
-            x @ w  # warm-up
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(3):
-                x @ w
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[dtype] = time.perf_counter() - start
-        _AUTO_CACHE[key] = torch.bfloat16 if times[torch.bfloat16] < times[torch.float32] else None
-    return _AUTO_CACHE[key]
 
 
 @dataclass(kw_only=True)
@@ -229,4 +183,14 @@ class TrainerConfig(JsonConfig):
         return -(-self.train_tokens // self.batch_size)
 
 
-__all__ = ["ActivationConfig", "TrainerConfig", "resolve_autocast"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "resolve_autocast":  # moved to mxd_lens.precision (it needs torch)
+        from mxd_lens.precision import resolve_autocast
+
+        return resolve_autocast
+    raise AttributeError(f"module 'mxd_lens.training.config' has no attribute {name!r}")
+
+
+__all__ = ["ActivationConfig", "TrainerConfig"]

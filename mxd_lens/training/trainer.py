@@ -25,9 +25,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from mxd_lens.functional import TopK, mxd_combine, sparse_mix, topk_relu
-from mxd_lens.mxd import MxD
-from mxd_lens.replacement import Replacement
+from mxd_lens.architectures.base import Replacement, StepOutput
+from mxd_lens.functional import nmse, select_topk, squared_error_sums
 from mxd_lens.training.activations import (
     ActivationSource,
     DataPosition,
@@ -42,111 +41,39 @@ from mxd_lens.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mxd_lens.training.config import ActivationConfig, TrainerConfig, resolve_autocast
-from mxd_lens.transcoder import TopKTranscoder
-
-
-@dataclass
-class StepOutput:
-    """What one training forward pass gives besides the output."""
-
-    y_hat: Float[Tensor, "tokens d_out"]
-    pre: Float[Tensor, "tokens n_units"]
-    """Unit pre-activations (gate logits / latent pre-activations)."""
-    sparse: TopK
-    dense_out: Float[Tensor, "tokens d_out"] | None
-    """MxD only: D^T z, which the expert mixture modulates."""
-
-
-class _SelectedPre(torch.autograd.Function):
-    """pre[t, idx[t, j]] for pre = x @ W + b computed without autograd, with a backward
-    that touches only the selected units: dL/dW = x^T G with G the [tokens, n] matrix
-    that is non-zero at the K selected entries per token, as one sparse-dense product
-    (K/n of the dense product's work; the dense gradient of pre is exactly zero
-    elsewhere, since TopK passes no gradient to unselected units)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor, b: Tensor, pre: Tensor, idx: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, W, idx)
-        return pre.gather(-1, idx)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        x, W, idx = ctx.saved_tensors
-        tokens, k = idx.shape
-        n = W.shape[1]
-        flat_idx, flat_grad = idx.reshape(-1), grad.reshape(-1)
-        grad_x = grad_W = grad_b = None
-        if ctx.needs_input_grad[1]:
-            rows = torch.arange(tokens, device=idx.device).repeat_interleave(k)
-            g = torch.sparse_coo_tensor(torch.stack([flat_idx, rows]), flat_grad.to(W.dtype), (n, tokens), check_invariants=False)
-            grad_W = torch.sparse.mm(g, x.to(W.dtype)).t()
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(n, dtype=W.dtype, device=W.device).index_add_(0, flat_idx, flat_grad.to(W.dtype))
-        if ctx.needs_input_grad[0]:
-            grad_x = (grad.unsqueeze(-1).to(W.dtype) * W.t()[idx]).sum(1).to(x.dtype)
-        return grad_x, grad_W, grad_b, None, None
-
-
-def select_topk(x: Tensor, W: Tensor, b: Tensor, pre: Tensor, idx: Tensor) -> TopK:
-    """TopK(ReLU(pre[idx]), idx) whose gradient reaches only the selected units of W, b."""
-    return TopK(torch.relu(_SelectedPre.apply(x, W, b, pre, idx)), idx)
+from mxd_lens.precision import resolve_autocast
+from mxd_lens.training.config import ActivationConfig, TrainerConfig
 
 
 def train_forward(module: Replacement, x: Float[Tensor, "tokens d_in"]) -> StepOutput:
-    """The module's unhooked forward pass, keeping the pieces the losses need.
-
-    Equals `module.reconstruct(x, hooked=False)`, and its gradients equal autograd's
-    through it (both tested): the same calls in the same order, except that the unit
-    pre-activations are computed without autograd and only the K selected ones carry
-    gradient (`select_topk`), which skips the dense backward of the encoder/gate.
-    """
-    if isinstance(module, MxD):
-        z = module.hidden(x)
-        with torch.no_grad():
-            pre = module.gate_pre(x)
-        sparse = select_topk(x, module.W_enc, module.b_enc, pre, topk_relu(pre, module.cfg.k).indices)
-        dense_out = z @ module.W_out
-        y = mxd_combine(module.mix(sparse, module.W_dec, hooked=False), dense_out, module.b_dec)
-        return StepOutput(y, pre, sparse, dense_out)
-    if isinstance(module, TopKTranscoder):
-        with torch.no_grad():
-            pre = module.latent_pre(x)
-        sparse = select_topk(x, module.W_enc, module.b_enc, pre, topk_relu(pre, module.cfg.k).indices)
-        y = module.mix(sparse, module.W_dec, hooked=False) + module.b_dec
-        skip = module.skip(x)
-        return StepOutput(y if skip is None else y + skip, pre, sparse, None)
-    raise ValueError(f"cannot train a {type(module).__name__}; expected an MxD, TopKTranscoder or SkipTranscoder")
+    """`module.train_forward(x)`: the architecture's own training forward pass."""
+    return module.train_forward(x)
 
 
 def nmse_loss(y_hat: Tensor, y: Tensor, norm: str = "batch") -> Tensor:
-    """Normalised squared error in fp32 ('batch': sum e^2 / sum y^2; 'token': mean of per-token ratios)."""
-    err = (y_hat.float() - y.float()).pow(2).sum(-1)
-    energy = y.float().pow(2).sum(-1)
-    if norm == "batch":
-        return err.sum() / energy.sum().clamp_min(1e-12)
-    return (err / energy.clamp_min(1e-12)).mean()
+    """The training loss: `mxd_lens.functional.nmse`."""
+    return nmse(y_hat, y, norm)
 
 
 def aux_k_loss(
     module: Replacement, x: Tensor, out: StepOutput, y: Tensor, dead: Tensor, aux_k: int, tokens: int | None = None
 ) -> Tensor | None:
     """AuxK: the residual reconstructed by the top-aux_k dead units only, on the first
-    `tokens` tokens of the batch (all if None); None if no unit is dead."""
+    `tokens` tokens of the batch (all if None); None if no unit is dead. The dead units'
+    output is the architecture's own (`Replacement.aux_output`: for an MxD their mixture
+    modulates the detached dense branch D^T z, exactly as live experts do)."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return None
     t = slice(None) if tokens is None else slice(0, tokens)
     x, y, y_hat, pre = x[t], y[t], out.y_hat[t], out.pre[t]
+    context = None if out.context is None else out.context[t]
     residual = (y.float() - y_hat.float()).detach()
     # TopK among the dead columns only: cheap when AuxK keeps the dead set small
     dead_idx = dead.nonzero().flatten()
     local = pre[:, dead_idx].topk(min(aux_k, n_dead), dim=-1, sorted=False).indices
     sparse = select_topk(x, module.W_enc, module.b_enc, pre, dead_idx[local])
-    e_hat = sparse_mix(sparse, module.W_dec)
-    if out.dense_out is not None:
-        e_hat = e_hat * out.dense_out[t].detach()
-    return nmse_loss(e_hat, residual)
+    return nmse(module.aux_output(sparse, context), residual)
 
 
 def lr_at(step: int, cfg: TrainerConfig) -> float:
@@ -261,10 +188,9 @@ def heldout_nmse(module: Replacement, pairs: Pair, batch_size: int = 4096) -> fl
     err = energy = 0.0
     for s in range(0, x_all.shape[0], batch_size):
         x = x_all[s : s + batch_size].to(module.device, module.dtype)
-        y = y_all[s : s + batch_size].to(module.device, torch.float32)
-        y_hat = module.reconstruct(x, hooked=False).float()
-        err += float((y_hat - y).pow(2).sum())
-        energy += float(y.pow(2).sum())
+        y = y_all[s : s + batch_size].to(module.device)
+        e, n = squared_error_sums(module.reconstruct(x, hooked=False), y)
+        err, energy = err + e, energy + n
     return err / max(energy, 1e-12)
 
 
@@ -299,8 +225,11 @@ def fit(
             raise ValueError(f"module {name!r} is on {module.device} but cfg.device={cfg.device!r}; move it first")
         if module.cfg.k > module.n_units:
             raise ValueError(f"module {name!r}: k={module.cfg.k} is larger than its {module.n_units} units")
-        if not isinstance(module, (MxD, TopKTranscoder)):
-            raise ValueError(f"module {name!r}: cannot train a {type(module).__name__}")
+        if not module.trainable:
+            raise ValueError(
+                f"module {name!r}: a {type(module).__name__} ({module.architecture}) cannot be trained by "
+                "mxd_lens.training.fit"
+            )
     layers = sorted({layer for layer, _ in modules.values()})
     source = ActivationSource(model, layers, tokens, cfg.activations, seed=cfg.seed)
     for name, (layer, module) in modules.items():
@@ -389,14 +318,12 @@ def _train_step(
     if not torch.isfinite(total):
         raise FloatingPointError(f"module {run.name!r}: the loss became {float(total)} at step {step}")
     total.backward()
-    if isinstance(module, MxD):
-        module.remove_parallel_grads_()
+    module.before_optimizer_step()
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if isinstance(module, MxD):
-        module.normalize_experts_()
+    module.after_optimizer_step()
 
     with torch.no_grad():
         active = out.sparse.values > 0

@@ -1,10 +1,13 @@
-"""Running a HookedTransformer in pieces for evaluation.
+"""Running a HookedTransformer around layer L: the one implementation that training,
+evaluation and patching share.
 
-`run_prefix` runs the blocks before the first replaced layer once per batch, and
-`Prefix.resume` runs the rest, so the clean model, every candidate and every ablation
-share that prefix. Forward hooks sit on `model.blocks[L].mlp` itself (the module
-`attach` replaces), so inputs, outputs and ablations are those of the MLP module,
-whatever norms surround it (e.g. Gemma's ln2_post after the MLP).
+`run_prefix` runs the blocks before layer L once, and `Prefix.resume` runs the rest
+(with whatever is spliced in now), keeping the attention mask and shortformer positions
+a full forward pass would give the later blocks. Captures and ablations are module
+hooks on `model.blocks[L].mlp` itself, the module `attach` replaces: a forward hook sees
+exactly its input and output, whatever norms surround it (Gemma's and OLMo-2's
+normalisation after the MLP, a model loaded with fold_ln=False), which the named
+TransformerLens hooks (`ln2.hook_normalized`, `hook_mlp_out`) do not.
 """
 
 from __future__ import annotations
@@ -19,8 +22,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from mxd_lens.attach import model_device, model_dtype
-from mxd_lens.evals.checks import check_batch_size, check_tokens
+
+
+def model_dtype(model: HookedTransformer) -> torch.dtype:
+    """The dtype of the model's weights (cfg.dtype can disagree after a .to())."""
+    return next(model.parameters()).dtype
+
+
+def model_device(model: HookedTransformer) -> torch.device:
+    """The device of the model's weights."""
+    return next(model.parameters()).device
 
 
 @dataclass
@@ -54,13 +65,16 @@ def run_prefix(model: HookedTransformer, tokens: Int[Tensor, "rows ctx"], start:
 
 
 @contextmanager
-def capture_mlp_io(model: HookedTransformer, layers: tuple[int, ...]) -> Iterator[dict[int, tuple[Tensor, Tensor]]]:
-    """{layer: (input, output)} of `model.blocks[layer].mlp`: the module `attach` replaces,
-    so these are its true input and output whatever norms surround it."""
+def capture_mlp_io(
+    model: HookedTransformer, layers: tuple[int, ...] | list[int]
+) -> Iterator[dict[int, tuple[Tensor, Tensor]]]:
+    """{layer: (input, output)} of `model.blocks[layer].mlp` in the forward passes run
+    inside the context (the last pass's, detached): the module `attach` replaces, so
+    these are its true input and output whatever norms surround it."""
     seen: dict[int, tuple[Tensor, Tensor]] = {}
 
     def hook(layer: int):
-        return lambda module, args, output: seen.__setitem__(layer, (args[0], output))
+        return lambda module, args, output: seen.__setitem__(layer, (args[0].detach(), output.detach()))
 
     handles = [model.blocks[layer].mlp.register_forward_hook(hook(layer)) for layer in layers]
     try:
@@ -99,31 +113,12 @@ def batches(tokens: Tensor, batch_size: int, progress: bool, desc: str) -> Itera
         bar.close()
 
 
-def mlp_output_means(
-    model: HookedTransformer,
-    tokens: Int[Tensor, "rows ctx"],
-    layers: tuple[int, ...] | list[int],
-    *,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> dict[int, Float[Tensor, " d_model"]]:
-    """Mean output of `model.blocks[L].mlp` over every position of `tokens`, per layer
-    (the mean-ablation vectors), accumulated in float64; stops after the last layer."""
-    check_tokens(model, tokens)
-    batch_size = check_batch_size(batch_size)
-    layers = tuple(sorted(layers))
-    n_layers = model.cfg.n_layers
-    bad = [l for l in layers if isinstance(l, bool) or not isinstance(l, int) or not 0 <= l < n_layers]
-    if not layers or bad:
-        raise ValueError(f"layers={list(layers)!r}: expected one or more layers in 0..{n_layers - 1}")
-    sums = {layer: torch.zeros(model.cfg.d_model, dtype=torch.float64) for layer in layers}
-    device = model_device(model)
-    with torch.no_grad():
-        for batch in batches(tokens, batch_size, progress, "mean MLP outputs"):
-            with capture_mlp_io(model, layers) as io:
-                model(batch.to(device), stop_at_layer=layers[-1] + 1)
-            for layer in layers:
-                sums[layer] += io[layer][1].double().sum((0, 1)).cpu()
-    return {l: (s / tokens.numel()).to(device, model_dtype(model)) for l, s in sums.items()}
-
-
+__all__ = [
+    "Prefix",
+    "batches",
+    "capture_mlp_io",
+    "constant_mlp_outputs",
+    "model_device",
+    "model_dtype",
+    "run_prefix",
+]

@@ -26,7 +26,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from mxd_lens import atomic
-from mxd_lens.patching import (
+from mxd_lens.circuits.patching import (
     Metric,
     capture,
     check_tokens,

@@ -1,0 +1,660 @@
+"""What every module that stands in for an MLP is: its config, its interface, and its
+SAE-Lens view.
+
+An architecture is one file in this folder that subclasses `ReplacementConfig` and
+`Replacement` (and, to load in SAE-Lens, `ReplacementSAEConfig` / `ReplacementSAE`) and
+implements the small interface below; the trainer, the evaluator, patching, expert
+inspection and the SAE-Lens views call only that interface, so nothing outside the
+architecture's own file branches on which architecture it is.
+
+| method | what the architecture says |
+| --- | --- |
+| `context(x, h)` | what decoding needs from the input besides the unit activations (an MxD's D^T z, a skip transcoder's W_skip x; None) |
+| `pre_acts(x)` | the units' pre-activations (default W_enc^T x + b_enc) |
+| `activate(pre)` | the sparse units (default TopK_k(ReLU(pre))) |
+| `mix_output(mix, context)` | the part of the output linear in the mixture sum_n a_n W_dec[n] |
+| `combine(mix, context)` | the whole output |
+| `train_forward(x)` | the unhooked forward pass with the selected-units-only backward |
+| `before_optimizer_step()` / `after_optimizer_step()` | e.g. an MxD's parallel-gradient removal and renormalisation |
+| `extra_nodes` | node kind -> hook of graph nodes besides units and error (an MxD's dense branch) |
+| `unit_contribution(x, unit, value)` | what one unit adds to the output |
+| `metrics()` | the architecture's own evaluation figures (an MxD's expert collapse check) |
+
+`encode` / `decode` / `reconstruct` are assembled here once, from those pieces, for the
+TransformerLens-side module and (through `encode_units` / `decode_units`) for its
+SAE-Lens view alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, NamedTuple
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.HookedRootModule import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from mxd_lens.config import JsonConfig, dtype_name, parse_dtype
+from mxd_lens.functional import (
+    TopK,
+    dense_mix,
+    densify,
+    select_topk,
+    sparse_mix,
+    topk_mix,
+    topk_relu,
+    unit_pre,
+)
+from mxd_lens.validation import check_positive_int
+
+INPUT_SITES: tuple[str, ...] = ("mlp_in", "mlp_out")
+"""What a module reads when attached: the MLP's input, or (an SAE on the MLP output) its output."""
+
+
+def default_hook_names(layer: int, input_site: str) -> tuple[str, str]:
+    """TransformerLens names of the module's input and output sites at `layer`
+    (recorded in cfg.json for SAE-Lens: `hook_name`, `hook_name_out`)."""
+    out = f"blocks.{layer}.hook_mlp_out"
+    return (out if input_site == "mlp_out" else f"blocks.{layer}.ln2.hook_normalized"), out
+
+
+# --- config ------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class ReplacementConfig(JsonConfig):
+    """Fields shared by every module that stands in for an MLP."""
+
+    d_in: int
+    """Width of the input (the MLP's input: the model's d_model)."""
+    d_out: int
+    """Width of the output (the MLP's output: the model's d_model)."""
+    k: int
+    """Number of units (experts or latents) kept active per token by TopK."""
+    hook_name: str | None = None
+    """TransformerLens hook whose activation is this module's input when trained,
+    e.g. 'blocks.12.ln2.hook_normalized'. Recorded for provenance and SAE-Lens."""
+    hook_name_out: str | None = None
+    """TransformerLens hook whose activation this module reconstructs,
+    e.g. 'blocks.12.hook_mlp_out'."""
+    layer: int | None = None
+    """Transformer block whose MLP this module replaces, when known."""
+    model_name: str | None = None
+    """Name of the language model the module was trained on."""
+    input_site: str = "mlp_in"
+    """What the module reads when attached: the MLP's input ('mlp_in': MxDs and
+    transcoders) or the MLP's output ('mlp_out': an SAE on the MLP output, which
+    `attach` runs after the original MLP)."""
+    dtype: str = "float32"
+    """Parameter dtype at construction; the module computes in its parameters' dtype."""
+    device: str = "cpu"
+    """Device of the parameters at construction."""
+
+    units_field: ClassVar[str] = "d_sae"
+    """The field holding the number of units (SAE-Lens's `d_sae` in cfg.json)."""
+    metadata_fields: ClassVar[tuple[str, ...]] = ("model_name", "hook_name", "hook_name_out")
+    """Fields that live in SAE-Lens's `metadata` in cfg.json, not at its top level."""
+
+    def __post_init__(self) -> None:
+        check_positive_int("d_in", self.d_in)
+        check_positive_int("d_out", self.d_out)
+        check_positive_int("k", self.k)
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0):
+            raise ValueError(f"layer={self.layer!r} must be a non-negative integer or None")
+        if self.input_site not in INPUT_SITES:
+            raise ValueError(f"input_site={self.input_site!r}; expected one of {INPUT_SITES}")
+        self.dtype = dtype_name(self.dtype)
+        n = getattr(self, self.units_field)
+        check_positive_int(self.units_field, n)
+        if self.k > n:
+            raise ValueError(f"k={self.k} is larger than {self.units_field}={n}")
+
+    @property
+    def n_units(self) -> int:
+        """Number of sparse units (experts or latents)."""
+        return getattr(self, self.units_field)
+
+    def site_names(self) -> tuple[str | None, str | None]:
+        """(hook_name, hook_name_out), derived from `layer` where not set."""
+        if self.layer is None:
+            return self.hook_name, self.hook_name_out
+        hook_in, hook_out = default_hook_names(self.layer, self.input_site)
+        return self.hook_name or hook_in, self.hook_name_out or hook_out
+
+    # --- cfg.json: the config's own (de)serialisation ----------------------------------
+    def to_cfg_json(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(top-level cfg.json keys, SAE-Lens metadata keys) of this config: the number of
+        units as `d_sae`, model and hook names in the metadata."""
+        d = self.to_dict()
+        d["hook_name"], d["hook_name_out"] = self.site_names()
+        meta = {key: d.pop(key) for key in self.metadata_fields}
+        top = {"d_in": d.pop("d_in"), "d_sae": d.pop(self.units_field), "d_out": d.pop("d_out"), **d}
+        return top, meta
+
+    @classmethod
+    def cfg_json_keys(cls) -> tuple[set[str], set[str]]:
+        """(every top-level key this config reads from cfg.json, the required ones)."""
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in cls.metadata_fields}
+        keys = (set(fields) - {cls.units_field}) | {"d_sae"}
+        required = {
+            ("d_sae" if name == cls.units_field else name)
+            for name, f in fields.items()
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        return keys, required
+
+    @classmethod
+    def from_cfg_json(cls, top: dict[str, Any], meta: dict[str, Any]) -> "ReplacementConfig":
+        """Build from cfg.json's top-level keys and metadata (as `to_cfg_json` writes them);
+        validation errors are ValueErrors."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in top.items() if k in names and k != "d_sae"}
+        kwargs[cls.units_field] = top["d_sae"]
+        kwargs.update({k: meta.get(k) for k in cls.metadata_fields})
+        try:
+            return cls(**kwargs)
+        except TypeError as err:
+            raise ValueError(str(err)) from None
+
+
+# --- the module ----------------------------------------------------------------------------
+@dataclass
+class Splice:
+    """Set by `attach` while a module sits in place of an MLP. Not an nn.Module
+    attribute, so the original MLP never joins this module's parameters or hooks."""
+
+    original: nn.Module
+    """The MLP this module replaces."""
+    use_error_term: bool
+    """Add back (original output - unhooked reconstruction), without gradient."""
+
+
+def has_hooks(hook: HookPoint) -> bool:
+    """True when anything (forward or backward) is registered on the hook point."""
+    return bool(hook._forward_hooks or hook._backward_hooks)
+
+
+HookFn = Callable[[HookPoint, Tensor], Tensor]
+
+
+def through(hook: HookPoint, x: Tensor) -> Tensor:
+    """Pass `x` through the hook point (what a hooked forward pass does)."""
+    return hook(x)
+
+
+def bypass(hook: HookPoint, x: Tensor) -> Tensor:
+    """Skip the hook point (the unhooked reconstruction of the error term)."""
+    return x
+
+
+@dataclass
+class Encoding:
+    """The encoder's result for a batch of inputs: what `decode` needs."""
+
+    sparse: TopK | None
+    """The selected units, when nothing could have edited them (decoding then touches
+    only their K decoder rows)."""
+    acts: Float[Tensor, "... n_units"] | None
+    """The dense unit activations that left the activation hook (None when `sparse`
+    was kept instead)."""
+    context: Tensor | None
+    """What decoding needs from the input besides the activations (`Replacement.context`)."""
+
+    def dense(self, n_units: int) -> Float[Tensor, "... n_units"]:
+        """The unit activations as a dense tensor."""
+        return self.acts if self.acts is not None else densify(self.sparse, n_units)
+
+
+def encode_units(
+    arch: Any, x: Tensor, pre_hook: HookPoint, acts_hook: HookPoint, h: HookFn
+) -> Encoding:
+    """The encoder, assembled once for modules and their SAE-Lens views: context, then
+    pre-activations through `pre_hook`, then the sparse units. When `h` passes through
+    hooks and something is registered on `acts_hook` (or the architecture's units are
+    dense), the dense activations go through it and decoding is dense: a unit switched
+    on by a hook contributes exactly its term, and a backward hook sees the true
+    gradient of every unit, selected or not."""
+    context = arch.context(x, h)
+    units = arch.activate(h(pre_hook, arch.pre_acts(x)))
+    if isinstance(units, TopK):
+        if h is through and has_hooks(acts_hook):
+            return Encoding(None, acts_hook(densify(units, arch.n_units)), context)
+        return Encoding(units, None, context)
+    return Encoding(None, h(acts_hook, units), context)
+
+
+def decode_units(arch: Any, enc: Encoding) -> Tensor:
+    """The decoder, assembled once: mix the decoder rows by the activations, then combine."""
+    if enc.sparse is not None:
+        mix = topk_mix(enc.sparse, arch.W_dec)
+    else:
+        mix = dense_mix(enc.acts.to(arch.W_dec.dtype), arch.W_dec)
+    return arch.combine(mix, enc.context)
+
+
+@dataclass
+class StepOutput:
+    """What one training forward pass gives besides the output."""
+
+    y_hat: Float[Tensor, "tokens d_out"]
+    """The module's output."""
+    pre: Float[Tensor, "tokens n_units"]
+    """Unit pre-activations (gate logits / latent pre-activations), without gradient."""
+    sparse: TopK
+    """The selected units (their values carry gradient to the selected encoder columns)."""
+    context: Tensor | None
+    """`Replacement.context` of the input (an MxD's D^T z, a skip term...)."""
+
+
+class UnitMath:
+    """The math of an architecture, shared by its module and its SAE-Lens view (both hold
+    the same parameters under the same names). Defaults: a TopK transcoder without skip."""
+
+    cfg: Any
+    W_enc: Tensor
+    b_enc: Tensor
+    W_dec: Tensor
+    b_dec: Tensor
+    context_doc: ClassVar[str | None] = None
+    """What `context` holds (None: the architecture needs no context), for error messages."""
+
+    def context(self, x: Float[Tensor, "... d_in"], h: HookFn) -> Tensor | None:
+        """What decoding needs from the input besides the unit activations."""
+        return None
+
+    def pre_acts(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... n_units"]:
+        """The units' pre-activations, W_enc^T x + b_enc."""
+        return unit_pre(x, self.W_enc, self.b_enc)
+
+    def activate(self, pre: Float[Tensor, "... n_units"]) -> TopK | Tensor:
+        """The sparse units: TopK_k(ReLU(pre)) (or a dense tensor for other activations)."""
+        return topk_relu(pre, self.cfg.k)
+
+    def mix_output(self, mix: Float[Tensor, "... d_out"], context: Tensor | None) -> Float[Tensor, "... d_out"]:
+        """The part of the output that is linear in the mixture sum_n a_n W_dec[n]."""
+        return mix
+
+    def combine(self, mix: Float[Tensor, "... d_out"], context: Tensor | None) -> Float[Tensor, "... d_out"]:
+        """The output from the mixture and the context."""
+        raise NotImplementedError
+
+
+
+class Replacement(UnitMath, HookedRootModule):
+    """A sparse module that maps an MLP's input to its output.
+
+    Hooks common to all: `hook_in`, the pre-activation hook (`pre_hook_name`), the
+    activation hook (`acts_hook_name`), `hook_error` (the error term, only with
+    `use_error_term`) and `hook_out` (what the transformer block receives). Parameters
+    every architecture has: W_enc [d_in, n_units], b_enc, W_dec [n_units, d_out], b_dec.
+    """
+
+    cfg: ReplacementConfig
+    config_class: ClassVar[type[ReplacementConfig]] = ReplacementConfig
+    """The config dataclass of this architecture."""
+    architecture: ClassVar[str] = "replacement"
+    """Name under which the module is saved and registered with SAE-Lens."""
+    pre_hook_name: ClassVar[str] = "hook_latent_pre"
+    """Name of the hook point on the unit pre-activations (before TopK)."""
+    acts_hook_name: ClassVar[str] = "hook_latent_acts"
+    """Name of the hook point that carries the sparse unit activations."""
+    extra_nodes: ClassVar[dict[str, str]] = {}
+    """Graph nodes for patching besides units and the error term: kind -> hook name
+    (one node per position: the whole vector at that hook)."""
+    trainable: ClassVar[bool] = True
+    """Whether `mxd_lens.training.fit` can train this architecture."""
+
+    def __init__(self, cfg: ReplacementConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        kw = self._param_kwargs()
+        # The parameters every architecture shares, built once here.
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.n_units, **kw))
+        self.b_enc = nn.Parameter(torch.empty(cfg.n_units, **kw))
+        self.W_dec = nn.Parameter(torch.empty(cfg.n_units, cfg.d_out, **kw))
+        self.b_dec = nn.Parameter(torch.empty(cfg.d_out, **kw))
+        self.hook_in = HookPoint()
+        setattr(self, self.pre_hook_name, HookPoint())
+        setattr(self, self.acts_hook_name, HookPoint())
+        self.hook_error = HookPoint()
+        self.hook_out = HookPoint()
+        self.splice: Splice | None = None
+        self.sae_metadata: dict | None = None
+        """SAE-Lens metadata read from or written to cfg.json (context_size, dataset_path...)."""
+
+    def _finish_init(self) -> None:
+        """Subclasses call this at the end of __init__: initialise, then name the hooks."""
+        self.reset_parameters()
+        self.setup()
+
+    # --- what architectures provide (besides UnitMath) ----------------------------------
+    def reset_parameters(self) -> None:
+        """Initialise every parameter."""
+        raise NotImplementedError
+
+    def before_optimizer_step(self) -> None:
+        """Called by the trainer after backward, before the optimiser step."""
+
+    def after_optimizer_step(self) -> None:
+        """Called by the trainer after the optimiser step."""
+
+    def metrics(self) -> dict[str, float]:
+        """The architecture's own evaluation figures (name -> value)."""
+        return {}
+
+    @classmethod
+    def build(cls, sizes: "Sizes", k: int, **common: Any) -> "Replacement":
+        """A freshly initialised module at a run's parameter-matched sizes (`common`:
+        the ReplacementConfig fields such as layer, model_name, dtype, device)."""
+        raise NotImplementedError(f"{cls.__name__} does not define build(sizes, k)")
+
+    # --- assembled from the pieces -------------------------------------------------------
+    @property
+    def n_units(self) -> int:
+        """Number of sparse units (experts or latents)."""
+        return self.cfg.n_units
+
+    @property
+    def acts_hook(self) -> HookPoint:
+        """The hook point carrying the unit activations (experts or latents)."""
+        return getattr(self, self.acts_hook_name)
+
+    @property
+    def pre_hook(self) -> HookPoint:
+        """The hook point carrying the unit pre-activations."""
+        return getattr(self, self.pre_hook_name)
+
+    def encode(self, x: Float[Tensor, "... d_in"], hooked: bool = True) -> Encoding:
+        """The encoder's result (through the module's hooks when `hooked`)."""
+        self.check_input(x)
+        h = through if hooked else bypass
+        return encode_units(self, h(self.hook_in, x), self.pre_hook, self.acts_hook, h)
+
+    def decode(self, enc: Encoding) -> Float[Tensor, "... d_out"]:
+        """The output for an encoding (see `Encoding`)."""
+        return decode_units(self, enc)
+
+    def reconstruct(self, x: Float[Tensor, "... d_in"], hooked: bool = True) -> Float[Tensor, "... d_out"]:
+        """decode(encode(x)): the module's reconstruction of the MLP output."""
+        return self.decode(self.encode(x, hooked))
+
+    def train_forward(self, x: Float[Tensor, "tokens d_in"]) -> StepOutput:
+        """The unhooked forward pass, keeping the pieces the losses need.
+
+        Equals `reconstruct(x, hooked=False)`, and its gradients equal autograd's through
+        it: the same calls in the same order, except that the pre-activations are computed
+        without autograd and only the K selected ones carry gradient (`select_topk`), which
+        skips the dense backward of the encoder. Assumes the default linear encoder and
+        TopK; an architecture with another encoder overrides this.
+        """
+        context = self.context(x, bypass)
+        with torch.no_grad():
+            pre = self.pre_acts(x)
+        sparse = select_topk(x, self.W_enc, self.b_enc, pre, topk_relu(pre, self.cfg.k).indices)
+        y = self.combine(sparse_mix(sparse, self.W_dec), context)
+        return StepOutput(y, pre, sparse, context)
+
+    def aux_output(self, sparse: TopK, context: Tensor | None) -> Float[Tensor, "tokens d_out"]:
+        """The output part of the given (e.g. dead) units alone, with the context held
+        fixed: what AuxK asks them to reconstruct the residual with."""
+        return self.mix_output(sparse_mix(sparse, self.W_dec), None if context is None else context.detach())
+
+    def unit_contribution(
+        self, x: Float[Tensor, "tokens d_in"], unit: int, value: Float[Tensor, " tokens"]
+    ) -> Float[Tensor, "tokens d_out"]:
+        """What unit `unit` with activations `value` adds to the output at inputs `x`
+        (a fixed direction a_n W_dec[n] for a transcoder; input-dependent for an MxD)."""
+        if not 0 <= unit < self.n_units:
+            raise ValueError(f"unit={unit} is out of range [0, {self.n_units})")
+        with torch.no_grad():
+            context = self.context(x.to(self.dtype), bypass)
+        return self.mix_output(value[:, None].to(self.dtype) * self.W_dec[unit], context)
+
+    def node_hooks(self, with_error: bool) -> dict[str, str]:
+        """Node kind -> hook name (relative to the module) of every graph node kind."""
+        hooks = {"unit": self.acts_hook_name}
+        if with_error:
+            hooks["error"] = "hook_error"
+        hooks.update(self.extra_nodes)
+        return hooks
+
+    # --- shared machinery --------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _param_kwargs(self) -> dict:
+        return {"dtype": parse_dtype(self.cfg.dtype), "device": torch.device(self.cfg.device)}
+
+    def check_input(self, x: Tensor) -> None:
+        """Shape check only: no data-dependent test that would force a GPU sync."""
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"{type(self).__name__} has d_in={self.cfg.d_in} but the input has last dimension "
+                f"{x.shape[-1]} (shape {tuple(x.shape)})"
+            )
+
+    def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
+        self.check_input(x)
+        x = x.to(self.dtype)
+        splice = self.splice
+        target = None
+        if self.cfg.input_site == "mlp_out":
+            if splice is None:
+                raise RuntimeError(
+                    f"{type(self).__name__} reads the MLP's output (input_site='mlp_out'); "
+                    "call it on that output directly with .reconstruct(), or attach() it"
+                )
+            target = splice.original(x).to(self.dtype)
+            x = target
+        y = self.reconstruct(x, hooked=True)
+        if splice is not None and splice.use_error_term:
+            with torch.no_grad():
+                if target is None:
+                    target = splice.original(x).to(self.dtype)
+                error = target - self.reconstruct(x, hooked=False)
+            y = y + self.hook_error(error)
+        return self.hook_out(y)
+
+    def save(self, path: str | Path, **kwargs: Any) -> Path:
+        """Write this module to a folder (SAE-Lens layout); read back with `mxd_lens.load`."""
+        from mxd_lens.storage import save
+
+        return save(self, path, **kwargs)
+
+    def n_params(self) -> int:
+        """Total number of parameters, counted from the module itself."""
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.cfg.to_dict().items() if v is not None)
+
+
+class Sizes(NamedTuple):
+    """The model-derived sizes a run builds its modules at (`Replacement.build`)."""
+
+    d_model: int
+    """Width of the MLP's input and output."""
+    width: int
+    """The transcoder width every method is parameter-matched to."""
+    d_hidden: int
+    """Hidden width of the model's MLP (an MxD's H)."""
+    glu: bool
+    """Whether the model's MLP is gated."""
+    act_fn: str
+    """The model MLP's activation function (TransformerLens name)."""
+
+
+def expected_tensors(module_class: type[Replacement], cfg: ReplacementConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of `module_class` with `cfg`, read off the module
+    itself built on the meta device (nothing is allocated): one source of truth for the
+    layouts that saving, loading and the SAE-Lens views use."""
+    meta = module_class(dataclasses.replace(cfg, device="meta"))
+    return {name: tuple(p.shape) for name, p in meta.named_parameters()}
+
+
+# --- the SAE-Lens view ---------------------------------------------------------------------
+from sae_lens import SAE, SAEConfig  # noqa: E402  (after the module, which needs no SAE-Lens)
+from sae_lens.saes.sae import SAEMetadata  # noqa: E402
+
+from mxd_lens.validation import check_tensors  # noqa: E402
+
+
+@dataclass(kw_only=True)
+class ReplacementSAEConfig(SAEConfig):
+    """SAE-Lens config of an mxd_lens module; `d_sae` is the number of experts or latents.
+    Validated by building the mxd_lens config it stands for."""
+
+    d_out: int
+    """Width of the output (the MLP's output)."""
+    k: int
+    """Units kept active per token by TopK."""
+    layer: int | None = None
+    """Transformer block whose MLP the module replaces, when known."""
+    input_site: str = "mlp_in"
+    """'mlp_in' (MxDs, transcoders) or 'mlp_out' (an SAE on the MLP output)."""
+    apply_b_dec_to_input: bool = False
+    """Always False: b_dec is an output bias here (SAE-Lens's default is True)."""
+
+    module_class: ClassVar[type[Replacement]]
+    """The mxd_lens module this config describes."""
+
+    @classmethod
+    def architecture(cls) -> str:
+        return cls.module_class.architecture
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.metadata, dict):  # SAEConfig.from_dict passes the raw dict first
+            self.metadata = SAEMetadata(**self.metadata)
+        self.to_mxd_lens()  # the one set of checks: sizes, k in range, act_fn, options
+
+    def to_mxd_lens(self) -> ReplacementConfig:
+        """The equivalent mxd_lens config (raises ValueError when this one is invalid)."""
+        d = self.to_dict()
+        meta = d.get("metadata") or {}
+        return self.module_class.config_class.from_cfg_json(d, meta)
+
+
+class ReplacementSAE(UnitMath, SAE):
+    """The SAE-Lens view of an mxd_lens module: the same parameters under the same
+    names, and the architecture's own math (subclasses mix in the architecture's math
+    class). HookedSAETransformer calls only `encode()` then `decode()`; an MxD's output
+    needs the dense branch D^T z of the same input, and a skip transcoder's the skip term,
+    so `encode` keeps the encoding (the context, and the sparse TopK when nothing hooks
+    the activations) for the next `decode`. The module computes in its own dtype and
+    returns the dtype of the activations it was given."""
+
+    cfg: ReplacementSAEConfig
+    W_enc: nn.Parameter
+    b_enc: nn.Parameter
+    W_dec: nn.Parameter
+    b_dec: nn.Parameter
+
+    def __init__(self, cfg: ReplacementSAEConfig, use_error_term: bool = False) -> None:
+        super().__init__(cfg, use_error_term)
+        self._encoded: tuple[Tensor, Encoding, torch.dtype] | None = None
+
+    @property
+    def n_units(self) -> int:
+        return self.cfg.d_sae
+
+    def initialize_weights(self) -> None:
+        # The mxd_lens module's own parameters and initialisation, so the two cannot drift.
+        mcfg = dataclasses.replace(self.cfg.to_mxd_lens(), device=str(self.device), dtype=dtype_name(self.dtype))
+        module = type(self.cfg).module_class(mcfg)
+        for name, param in module.named_parameters():
+            setattr(self, name, nn.Parameter(param.detach()))
+
+    def process_sae_in(self, sae_in: Tensor) -> Tensor:
+        # b_dec is an output bias: never subtracted from the input.
+        return self.hook_sae_input(sae_in.to(self.dtype))
+
+    def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        """The unit activations (dense, k non-zero per token); keeps what decode needs."""
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(
+                f"{type(self).__name__} has d_in={self.cfg.d_in} but the input has last dimension "
+                f"{x.shape[-1]} (shape {tuple(x.shape)})"
+            )
+        in_dtype = x.dtype
+        enc = encode_units(self, self.process_sae_in(x), self.hook_sae_acts_pre, self.hook_sae_acts_post, through)
+        if enc.acts is None:  # unhooked: still hand SAE-Lens dense activations
+            enc_acts = enc.dense(self.n_units)
+        else:
+            enc_acts = enc.acts
+        self._encoded = (enc_acts, enc, in_dtype)
+        return enc_acts
+
+    def decode(self, feature_acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_out"]:
+        """The module's output for these activations and the input last given to encode."""
+        saved, self._encoded = self._encoded, None
+        if saved is None:
+            if self.context_doc is not None:
+                raise ValueError(
+                    f"{type(self).__name__}.decode needs the context ({self.context_doc}) of the same input: "
+                    "call encode(x) first (HookedSAETransformer does) or forward(x)"
+                )
+            out = decode_units(self, Encoding(None, feature_acts.to(self.dtype), None))
+            return self.hook_sae_recons(out)
+        acts, enc, in_dtype = saved
+        if acts.shape != feature_acts.shape:
+            raise ValueError(
+                f"decode got activations of shape {tuple(feature_acts.shape)} but the last encode() returned "
+                f"{tuple(acts.shape)}; decode the activations of the input just encoded"
+            )
+        if not (enc.sparse is not None and feature_acts is acts):  # edited or hooked: dense
+            enc = Encoding(None, feature_acts.to(self.dtype), enc.context)
+        return self.hook_sae_recons(decode_units(self, enc)).to(in_dtype)
+
+    def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
+        if not self.use_error_term:
+            return self.hook_sae_output(self.decode(self.encode(x)))
+        if self.cfg.input_site != "mlp_out":
+            raise ValueError(
+                f"{type(self).__name__} maps the MLP input to its output, so its error term needs the "
+                "MLP output: use HookedSAETransformer.add_sae(sae, use_error_term=True) or "
+                "mxd_lens.attach(model, {layer: module}, use_error_term=True)"
+            )
+        return super().forward(x)  # an SAE on the MLP output: error = x - reconstruction
+
+    def fold_W_dec_norm(self) -> None:
+        raise ValueError(
+            f"{type(self).__name__} cannot fold decoder norms into the encoder: rescaling the "
+            "pre-activations changes which units TopK selects"
+        )
+
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        # SAE-Lens calls this before load_state_dict: check names and shapes against cfg.
+        mcfg = self.cfg.to_mxd_lens()
+        expected = expected_tensors(type(self.cfg).module_class, mcfg)
+        found = {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()}
+        check_tensors(expected, found, None, "sae_weights.safetensors")
+
+
+__all__ = [
+    "INPUT_SITES",
+    "Encoding",
+    "HookFn",
+    "Replacement",
+    "ReplacementConfig",
+    "ReplacementSAE",
+    "ReplacementSAEConfig",
+    "Sizes",
+    "Splice",
+    "StepOutput",
+    "UnitMath",
+    "bypass",
+    "decode_units",
+    "default_hook_names",
+    "encode_units",
+    "expected_tensors",
+    "has_hooks",
+    "through",
+]
