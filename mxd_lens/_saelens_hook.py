@@ -36,6 +36,11 @@ class _Loader(importlib.abc.Loader):
         self.inner.exec_module(module)
         _register()
 
+    def __getattr__(self, name: str) -> Any:
+        # get_resource_reader & co.: without them importlib.resources.files("sae_lens")
+        # finds no files (SAE.from_pretrained reads its pretrained_saes.yaml that way)
+        return getattr(self.inner, name)
+
 
 class _Finder(importlib.abc.MetaPathFinder):
     """Finds `sae_lens` through the other finders and wraps its loader."""

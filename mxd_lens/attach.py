@@ -9,7 +9,8 @@ import torch
 from transformer_lens import HookedTransformer
 
 from mxd_lens.architectures.base import Replacement, Splice
-from mxd_lens.model_io import model_device, model_dtype
+from mxd_lens.architectures.saelens_adapter import as_modules
+from mxd_lens.model_io import model_device, model_dtype, post_mlp_norm
 from mxd_lens.validation import check_layer
 
 
@@ -24,6 +25,7 @@ def check_attachable(model: object, replacements: Mapping[int, Replacement]) -> 
         )
     if not replacements:
         raise ValueError("attach() needs at least one {layer: module} entry")
+    replacements = as_modules(replacements)  # SAE-Lens SAEs: wrapped (errors name the layer)
     n_layers = model.cfg.n_layers
     d_model = model.cfg.d_model
     dtype, device = model_dtype(model), model_device(model)
@@ -46,6 +48,15 @@ def check_attachable(model: object, replacements: Mapping[int, Replacement]) -> 
         if isinstance(block.mlp, Replacement):
             raise ValueError(f"layer {layer} already has a replacement attached; detach it first")
         cfg = module.cfg
+        if cfg.input_site == "mlp_out" and post_mlp_norm(model) is not None:
+            # blocks.L.hook_mlp_out is then the *normalised* output (after ln2_post): an SAE
+            # trained there never saw the raw MLP output that attach() would feed it.
+            raise ValueError(
+                f"layer {layer}: the {type(module).__name__} reads the MLP output (input_site='mlp_out'), "
+                f"but this model normalises after its MLP ({post_mlp_norm(model)}), so blocks.{layer}.hook_mlp_out, where "
+                "such SAEs are trained, is not the MLP's output and the SAE cannot stand in for the MLP; "
+                "use an MxD or a transcoder (they map the MLP's own input to its own output)"
+            )
         if cfg.d_in != d_model or cfg.d_out != d_model:
             raise ValueError(
                 f"layer {layer}: the {type(module).__name__} maps d_in={cfg.d_in} -> d_out={cfg.d_out}, "
@@ -72,8 +83,10 @@ def attach(
     gradient, the original MLP output minus its own unhooked output, so the model's
     outputs are unchanged while edits of the unit activations still change them.
     The original MLPs and hook names come back on exit, also when the body raises.
+    A SAE-Lens SAE or transcoder is spliced as `saelens_adapter.as_module` serves it.
     """
     check_attachable(model, replacements)
+    replacements = as_modules(replacements)
     originals: dict[int, torch.nn.Module] = {}
     try:
         for layer, module in replacements.items():

@@ -2,50 +2,59 @@
 
     mxd-lens demo --out runs/demo            the frontier on the embedded model (< 15 min, 2 cores)
     mxd-lens frontier --ks 16,32,64 --out DIR
-    mxd-lens train --methods mxd --ks 32 --out DIR [--checkpoint-every 100] [--resume]
+    mxd-lens train --methods mxd --ks 32 --layers 6,12 --out DIR [--checkpoint-every 100] [--resume]
     mxd-lens eval DIR/mxd_k32 DIR/transcoder_k32 [--out DIR]
+    mxd-lens circuit DIR/mxd_k32 --out DIR       mxd-lens publish DIR --repo user/name --dry-run
 
-Bad input ends with one line on stderr and a non-zero exit status.
+Bad input ends with one line on stderr and a non-zero exit status, before any model is
+loaded where that can be told, and always before `--out` is touched: a failed command
+leaves `--out` as it was (a finished run in it included, `--overwrite` or not).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
-from typing import Any, Sequence
+import os
 
-from mxd_lens.experiments.frontier import METHODS, FrontierConfig
+# Idle OpenMP threads spin (busy-wait) by default, which on a shared 2-core machine takes
+# the cores from whoever else runs; must be set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# Other subcommands live beside their code; each module offers add_subcommand(subparsers).
-PLUGIN_MODULES = ("mxd_lens.publish", "mxd_lens.circuits")
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import importlib  # noqa: E402
+import sys  # noqa: E402
+import typing  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Sequence  # noqa: E402
+
+# Everything imported up here is torch-free: `--help`, `--version` and usage errors must
+# answer at once. The commands import the heavy parts when they run.
+import mxd_lens  # noqa: E402  (lazy: no torch)
+from mxd_lens import registry  # noqa: E402
+from mxd_lens.config import field_docs  # noqa: E402
+from mxd_lens.experiments.config import EvalConfig, FrontierConfig, demo_config  # noqa: E402
+from mxd_lens.run_folder import RunFolder  # noqa: E402
+from mxd_lens.training.config import ActivationConfig, TrainerConfig  # noqa: E402
+
+METHODS = tuple(registry.methods())
+CHECKPOINTS = "checkpoints"  # = mxd_lens.experiments.frontier.CHECKPOINTS (that module imports torch)
+
+# Subcommands that live beside their code: (module offering add_subcommand, its one-line
+# help). The module is imported only when its command runs (it may import torch).
+PLUGINS: dict[str, tuple[str, str]] = {
+    "circuit": ("mxd_lens.circuits", "faithfulness curves (and patching heatmaps) of saved modules on the IOI task"),
+    "publish": (
+        "mxd_lens.experiments.publish",
+        "lay out a training run as a Hugging Face repo (SAE-Lens layout + model card) and upload it",
+    ),
+}
+PLUGIN_MODULES = tuple(module for module, _ in PLUGINS.values())
+
+__all__ = ["FLAGS", "EVAL_FLAGS", "Flag", "build_parser", "config_from_args", "demo_config", "main"]
 
 
-def demo_config() -> FrontierConfig:
-    """The demo's budget: the frontier at K = 16, 32 on the embedded model (layer 12,
-    default sizes), sized to finish within 15 minutes on 2 CPU cores: 98k unique tokens
-    collected once, 197k training tokens per module (2 epochs), 8k held-out tokens.
-    lr 3e-3 at batch 512 was the best of the settings tried at this budget for MxD and the
-    skip transcoder alike (benchmarks/README.md); revival starts after 32k tokens."""
-    from mxd_lens.training import ActivationConfig, TrainerConfig
-
-    return FrontierConfig(
-        ks=[16, 32],
-        collect_tokens=98_304,
-        eval_tokens=8_192,
-        trainer=TrainerConfig(
-            train_tokens=196_608,
-            batch_size=512,
-            lr=3e-3,
-            warmup_steps=20,
-            dead_tokens=32_768,
-            activations=ActivationConfig(autocast="auto"),
-        ),
-    )
-
-
+# --- list and choice parsers (argparse `type=`) ----------------------------------------------
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -56,161 +65,309 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _methods(text: str) -> list[str]:
+def _str_list(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in values if v not in METHODS]
-    if bad or not values:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad or text!r}; expected some of {','.join(METHODS)}")
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
     return values
 
 
-def _autocast(text: str) -> str:
+def _methods(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected some of {','.join(METHODS)}, got {text!r}")
+    try:
+        return registry.canonical_methods(values)  # architecture names are aliases
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _autocast(text: str) -> str | None:
     value = text.lower()
     value = "none" if value in ("off", "no", "float32") else value
     if value not in ("auto", "none", "bfloat16", "float16"):
         raise argparse.ArgumentTypeError(f"expected auto, bfloat16, float16 or none, got {text!r}")
-    return value
+    return None if value == "none" else value
 
 
-def _add_run_flags(p: argparse.ArgumentParser, with_eval: bool) -> None:
-    """Flags shared by train, frontier and demo (None = keep the config's default)."""
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=None, help="model: embedded SmolLM2-135M (default), a local HF folder or a TransformerLens name")
-    g.add_argument("--layer", type=int, default=None, help="block whose MLP is replaced (default 12)")
-    g.add_argument("--dataset", default=None, help="training text: .txt file, folder of them, or HF dataset (default: embedded corpus)")
-    g.add_argument("--eval-dataset", default=None, help="held-out text (default: Persuasion, or the last 10%% of --dataset)")
-    g.add_argument("--context", type=int, default=None, help="tokens per row (default 128)")
-    g.add_argument("--collect-tokens", type=int, default=None, help="unique training tokens run through the model")
-    if with_eval:
-        g.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens for the evaluation")
-    g = p.add_argument_group("modules")
-    g.add_argument("--methods", type=_methods, default=None, help=f"comma list of {','.join(METHODS)} (default: all)")
-    g.add_argument("--ks", type=_int_list, default=None, help="comma list of K (active units per token), e.g. 16,32")
-    g.add_argument("--width", type=int, default=None, help="transcoder width; the MxD is parameter-matched (default 16*d_model)")
-    g.add_argument("--d-hidden", type=int, default=None, help="MxD hidden width H (default: the model's d_mlp)")
-    g = p.add_argument_group("training")
-    g.add_argument("--train-tokens", type=int, default=None, help="training tokens per module")
-    g.add_argument("--batch-size", type=int, default=None, help="tokens per optimiser step")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps")
-    g.add_argument("--schedule", choices=("constant", "cosine"), default=None, help="after warm-up")
-    g.add_argument("--aux-coeff", type=float, default=None, help="AuxK dead-unit loss weight (0 disables)")
-    g.add_argument("--seed", type=int, default=None, help="random seed")
-    g.add_argument("--autocast", type=_autocast, default=None, help="training autocast: auto (default), bfloat16 or none")
-    g.add_argument("--collect-autocast", type=_autocast, default=None, help="activation collection autocast: auto, bfloat16 or none")
-    g.add_argument("--cache-dir", default=None, help="folder for a safetensors activation cache reused across runs")
-    g.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (into OUT/checkpoints)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    g.add_argument("--device", default=None, help="torch device (default cpu)")
-    g.add_argument("--dtype", default=None, help="dtype of model and modules (default float32)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+# --- flags from config fields -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag that sets one config field: its help is the field's docstring
+    and its default the field's value in the command's base config."""
+
+    name: str
+    """The flag, e.g. '--ks'."""
+    path: str
+    """Dotted field path in the command's config, e.g. 'trainer.activations.cache_dir'."""
+    group: str
+    """Help section."""
+    parse: Callable[[str], Any] | None = None
+    """argparse `type=`; None: from the field's annotation (int, float, str, lists, Literal)."""
+    also: tuple[str, ...] = ()
+    """Further fields set to the same value (e.g. --device sets the trainer's too)."""
+    help: str | None = None
+    """Replaces the docstring (for switches whose docstring reads the other way round)."""
+    metavar: str | None = None
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("--model", "model", "model and data"),
+    Flag("--model-name", "model_name", "model and data"),
+    Flag("--layer", "layer", "model and data"),
+    Flag("--dataset", "dataset", "model and data"),
+    Flag("--eval-dataset", "eval_dataset", "model and data"),
+    Flag("--eval-fraction", "eval_fraction", "model and data"),
+    Flag("--context", "context", "model and data"),
+    Flag("--collect-tokens", "collect_tokens", "model and data"),
+    Flag("--eval-tokens", "eval_tokens", "model and data"),
+    Flag("--eval-batch-size", "eval_batch_size", "model and data"),
+    Flag("--methods", "methods", "modules", parse=_methods, metavar="M1,M2"),
+    Flag("--ks", "ks", "modules", metavar="K1,K2"),
+    Flag("--width", "width", "modules"),
+    Flag("--d-hidden", "d_hidden", "modules"),
+    Flag("--train-tokens", "trainer.train_tokens", "training"),
+    Flag("--batch-size", "trainer.batch_size", "training"),
+    Flag("--lr", "trainer.lr", "training"),
+    Flag("--warmup-steps", "trainer.warmup_steps", "training"),
+    Flag("--schedule", "trainer.schedule", "training"),
+    Flag("--min-lr-ratio", "trainer.min_lr_ratio", "training"),
+    Flag("--aux-coeff", "trainer.aux_coeff", "training"),
+    Flag("--seed", "trainer.seed", "training"),
+    Flag("--autocast", "trainer.autocast", "training", parse=_autocast, metavar="{auto,bfloat16,float16,none}"),
+    Flag("--collect-autocast", "trainer.activations.autocast", "training", parse=_autocast,
+         metavar="{auto,bfloat16,float16,none}"),
+    Flag("--buffer-tokens", "trainer.activations.buffer_tokens", "training"),
+    Flag("--cache-dir", "trainer.activations.cache_dir", "training"),
+    Flag("--checkpoint-every", "trainer.checkpoint_every", "training",
+         help="Steps between checkpoints, written into OUT/checkpoints (0: none)."),
+    Flag("--resume", "trainer.resume", "training",
+         help="Continue from the latest checkpoint in OUT/checkpoints (exactly, on CPU)."),
+    Flag("--device", "device", "run", also=("trainer.device",)),
+    Flag("--dtype", "dtype", "run"),
+    Flag("--no-progress", "progress", "run", also=("trainer.progress",), help="Hide the progress bars."),
+)
+"""The flags of demo, frontier and train (FrontierConfig and its TrainerConfig)."""
+
+EVAL_FLAGS: tuple[Flag, ...] = (
+    Flag("--model", "model", "model and data"),
+    Flag("--model-name", "model_name", "model and data"),
+    Flag("--layer", "layer", "model and data"),
+    Flag("--eval-dataset", "eval_dataset", "model and data"),
+    Flag("--eval-tokens", "eval_tokens", "model and data"),
+    Flag("--context", "context", "model and data"),
+    Flag("--batch-size", "batch_size", "model and data"),
+    Flag("--no-progress", "progress", "run", help="Hide the progress bars."),
+)
+"""The flags of eval (EvalConfig)."""
+
+_CONFIG_CLASSES = {"": None, "trainer": TrainerConfig, "trainer.activations": ActivationConfig}
+
+
+def _owner(root: type, path: str) -> tuple[type, str]:
+    """(dataclass that declares the field, field name) of a dotted path."""
+    prefix, _, name = path.rpartition(".")
+    return (_CONFIG_CLASSES[prefix] or root) if prefix else root, name
+
+
+def _get(cfg: Any, path: str) -> Any:
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _set(d: dict[str, Any], path: str, value: Any) -> None:
+    *parents, name = path.split(".")
+    for part in parents:
+        d = d[part]
+    d[name] = value
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _type_of(hint: Any) -> tuple[Callable[[str], Any] | None, list[Any] | None]:
+    """(argparse type, choices) for a field annotation."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or (origin is not None and type(hint).__name__ == "UnionType"):
+        return _type_of(args[0]) if len(args) == 1 else (str, None)
+    if origin is typing.Literal:
+        return type(args[0]), list(args)
+    if origin is list:
+        return (_int_list if args and args[0] is int else _str_list), None
+    if hint in (int, float, str):
+        return hint, None
+    return str, None
+
+
+def _add_flags(parser: argparse.ArgumentParser, root: type, base: Any, flags: Sequence[Flag]) -> dict[str, Any]:
+    """Add `flags` to `parser`; unset flags are absent from the namespace (SUPPRESS), so
+    only what was given replaces the base config's values."""
+    groups: dict[str, Any] = {}
+    docs_cache: dict[type, dict[str, str]] = {}
+    hints_cache: dict[type, dict[str, Any]] = {}
+    for flag in flags:
+        cls, name = _owner(root, flag.path)
+        if cls not in docs_cache:
+            docs_cache[cls] = field_docs(cls)
+            hints_cache[cls] = typing.get_type_hints(cls)
+        default = _get(base, flag.path)
+        doc = flag.help or docs_cache[cls].get(name, "")
+        group = groups.get(flag.group) or groups.setdefault(flag.group, parser.add_argument_group(flag.group))
+        dest = flag.name.removeprefix("--").replace("-", "_")
+        if hints_cache[cls][name] is bool:
+            group.add_argument(flag.name, dest=dest, action="store_false" if default else "store_true",
+                               default=argparse.SUPPRESS, help=doc.replace("%", "%%"))
+            continue
+        parse, choices = _type_of(hints_cache[cls][name])
+        help_text = f"{doc} (default: {_show(default)})".replace("%", "%%")
+        group.add_argument(flag.name, dest=dest, type=flag.parse or parse, choices=None if flag.parse else choices,
+                           default=argparse.SUPPRESS, metavar=flag.metavar, help=help_text)
+    return groups
+
+
+def _apply(args: argparse.Namespace, base: Any, flags: Sequence[Flag]) -> dict[str, Any]:
+    """`base.to_dict()` with every given flag applied."""
+    d = base.to_dict()
+    for flag in flags:
+        dest = flag.name.removeprefix("--").replace("-", "_")
+        if hasattr(args, dest):
+            for path in (flag.path, *flag.also):
+                _set(d, path, getattr(args, dest))
+    return d
 
 
 def config_from_args(args: argparse.Namespace, base: FrontierConfig) -> FrontierConfig:
     """`base` with every flag that was given applied (validated by the dataclasses)."""
-    from mxd_lens.training import ActivationConfig, TrainerConfig
-
-    top = {
-        "model": args.model, "layer": args.layer, "dataset": args.dataset, "eval_dataset": args.eval_dataset,
-        "context": args.context, "collect_tokens": args.collect_tokens,
-        "eval_tokens": getattr(args, "eval_tokens", None), "methods": args.methods, "ks": args.ks,
-        "width": args.width, "d_hidden": args.d_hidden, "device": args.device, "dtype": args.dtype,
-    }
-    trainer = {
-        "train_tokens": args.train_tokens, "batch_size": args.batch_size, "lr": args.lr,
-        "warmup_steps": args.warmup_steps, "schedule": args.schedule, "aux_coeff": args.aux_coeff,
-        "seed": args.seed, "device": args.device,
-        "checkpoint_every": args.checkpoint_every,
-    }
-    acts: dict[str, Any] = {"cache_dir": args.cache_dir}
-    d = base.to_dict()
-    d.update({k: v for k, v in top.items() if v is not None})
+    d = _apply(args, base, FLAGS)
     t = d["trainer"]
-    t.update({k: v for k, v in trainer.items() if v is not None})
-    if args.autocast is not None:
-        t["autocast"] = None if args.autocast == "none" else args.autocast
-    if args.collect_autocast is not None:
-        t["activations"]["autocast"] = None if args.collect_autocast == "none" else args.collect_autocast
-    t["activations"].update({k: v for k, v in acts.items() if v is not None})
-    if args.checkpoint_every or args.resume:
-        t["checkpoint_dir"] = str(Path(args.out) / "checkpoints")
-    t["resume"] = bool(args.resume)
-    t["progress"] = d["progress"] = not args.no_progress
-    if t["batch_size"] > t["activations"]["buffer_tokens"]:
+    if t["checkpoint_every"] or t["resume"]:
+        t["checkpoint_dir"] = str(Path(args.out) / CHECKPOINTS)
+    # a chunk must hold a batch: a larger --batch-size grows the default buffer with it
+    if not hasattr(args, "buffer_tokens") and t["batch_size"] > t["activations"]["buffer_tokens"]:
         t["activations"]["buffer_tokens"] = t["batch_size"]
-    t["activations"] = ActivationConfig.from_dict(t["activations"])
-    d["trainer"] = TrainerConfig.from_dict(t)
-    return FrontierConfig(**d)
+    return FrontierConfig.from_dict(d)
 
 
+def _layers(args: argparse.Namespace, cfg: FrontierConfig) -> list[int]:
+    layers = getattr(args, "layers", None)
+    if layers is None:
+        return [cfg.layer]
+    if hasattr(args, "layer"):
+        raise ValueError(f"--layer {args.layer} and --layers {_show(layers)} both given; pass one of them")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"--layers {_show(layers)} lists a layer twice")
+    return layers
+
+
+def _run_config(args: argparse.Namespace, base: FrontierConfig, multi_layer: bool) -> tuple[FrontierConfig, list[int]]:
+    cfg = config_from_args(args, base)
+    layers = _layers(args, cfg)
+    if len(layers) > 1 and not multi_layer:
+        raise ValueError(
+            f"--layers {_show(layers)}: `mxd-lens {args.command}` compares the methods at one layer; "
+            f"pass one layer (`mxd-lens train --layers {_show(layers)}` trains at several at once)"
+        )
+    cfg = dataclasses.replace(cfg, layer=layers[0])
+    return cfg, layers
+
+
+# --- the commands -----------------------------------------------------------------------------
 def _cmd_frontier(args: argparse.Namespace, base: FrontierConfig) -> int:
+    cfg, _ = _run_config(args, base, multi_layer=False)
     from mxd_lens.experiments.frontier import run_frontier
 
-    cfg = config_from_args(args, base)
-    run_frontier(cfg, args.out, overwrite=args.overwrite)
+    run_frontier(cfg, args.out, overwrite=args.overwrite)  # checks everything before writing
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from mxd_lens.config import parse_dtype
-    from mxd_lens.experiments.frontier import load_docs, prepare_out_dir, tokenize_docs, train_modules, write_json_atomic
-    from mxd_lens.sources import load_model
+def _cmd_train(args: argparse.Namespace, base: FrontierConfig) -> int:
+    cfg, layers = _run_config(args, base, multi_layer=True)
+    from mxd_lens.atomic import write_json
+    from mxd_lens.experiments import frontier as fr
+    from mxd_lens.validation import check_layer
 
-    cfg = config_from_args(args, FrontierConfig())
-    out = prepare_out_dir(args.out, overwrite=True)
-    docs = load_docs(cfg)
-    model = load_model(cfg.model, device=cfg.device, dtype=parse_dtype(cfg.dtype))
-    if not 0 <= cfg.layer < model.cfg.n_layers:
-        raise ValueError(f"layer={cfg.layer} is out of range: the model has layers 0..{model.cfg.n_layers - 1}")
-    train_rows, eval_rows = tokenize_docs(cfg, model.tokenizer, *docs)
-    modules, info = train_modules(model, cfg, train_rows, out, eval_rows=eval_rows)
-    write_json_atomic(out / "training.json", {"config": cfg.to_dict(), "summaries": info["summaries"]})
+    fr.preflight(cfg, layers)
+    # training.json is moved in last; an old results.json (a finished frontier run) needs
+    # --overwrite, and is removed only once the new modules are in place.
+    folder = RunFolder(args.out, overwrite=args.overwrite, marker="training.json", keep_on_failure=[CHECKPOINTS])
+    folder.check()
+    docs = fr.load_docs(cfg)  # data errors before the model loads
+    with folder:
+        model = fr.load_run_model(cfg.model, cfg.model_name, cfg.device, cfg.dtype)
+        for layer in layers:
+            check_layer(layer, model.cfg.n_layers)
+        train_rows, eval_rows = fr.tokenize_docs(cfg, model.tokenizer, *docs)
+        _, info = fr.train_modules(model, cfg, train_rows, folder.staging, eval_rows=eval_rows, layers=layers)
+        write_json(folder.staging / "training.json",
+                   {"config": cfg.to_dict(), "layers": layers, "summaries": info["summaries"]})
+        folder.commit()
     for name, s in info["summaries"].items():
         print(f"{name}: held-out NMSE {s['heldout_nmse']:.4f}, L0 {s['l0']:.1f}, dead {s['dead_fraction']:.1%}, "
-              f"{s['tokens_per_second']:,.0f} tok/s -> {out / name}")
+              f"{s['tokens_per_second']:,.0f} tok/s -> {folder.out / name}")
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mxd_lens.evals import evaluate_many
-    from mxd_lens.experiments.frontier import format_table, prepare_out_dir, write_json_atomic
-    from mxd_lens.storage import load
-    from mxd_lens.sources import load_default_corpus, load_model, load_texts, token_rows
-
-    out = prepare_out_dir(args.out, overwrite=True) if args.out else None
-    if not args.modules:
+    cfg = EvalConfig.from_dict(_apply(args, EvalConfig(), EVAL_FLAGS) | {"modules": list(args.modules)})
+    if not cfg.modules:
         raise ValueError("no module folders given; expected e.g. `mxd-lens eval RUN/mxd_k32`")
-    modules = {}
-    for folder in args.modules:
+    names = [Path(m).name for m in cfg.modules]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"module folders named {twice} given twice; results are keyed by folder name")
+    from mxd_lens.storage import load  # every module read and validated before anything else
+
+    loaded = {}
+    for folder in cfg.modules:
         module = load(folder)
-        layer = args.layer if args.layer is not None else module.cfg.layer
+        layer = cfg.layer if cfg.layer is not None else module.cfg.layer
         if layer is None:
             raise ValueError(f"{folder}: the module's config has no layer; pass --layer")
-        modules[Path(folder).name] = {layer: module}
-    model = load_model(args.model)
+        loaded[Path(folder).name] = (layer, module)
+    out = RunFolder(args.out, overwrite=True, guard=None, marker="eval.json") if args.out else None
+    if out is not None:
+        out.check()
+    from mxd_lens.atomic import write_json
+    from mxd_lens.evals import evaluate_many
+    from mxd_lens.experiments.frontier import check_model_name, format_table, load_run_model, model_shape
+    from mxd_lens.sources import load_default_corpus, load_texts, token_rows
+    from mxd_lens.validation import check_layer
+
+    check_model_name(cfg.model, cfg.model_name)
+    shape = model_shape(cfg.model)
+    for layer, _ in loaded.values():
+        if "n_layers" in shape:
+            check_layer(layer, shape["n_layers"])
+    docs = load_default_corpus("heldout") if cfg.eval_dataset is None else load_texts(cfg.eval_dataset)
+    model = load_run_model(cfg.model, cfg.model_name, "cpu", "float32")
     dtype = next(model.parameters()).dtype
-    modules = {n: {l: m.to(dtype) for l, m in c.items()} for n, c in modules.items()}
-    if args.eval_tokens < args.context:
-        raise ValueError(f"--eval-tokens={args.eval_tokens} is less than one row of --context={args.context}")
-    docs = load_default_corpus("heldout") if args.eval_dataset is None else load_texts(args.eval_dataset)
-    rows = token_rows(model.tokenizer, docs, args.context, max_rows=args.eval_tokens // args.context)
-    report = evaluate_many(model, modules, rows, batch_size=args.batch_size, progress=not args.no_progress)
+    modules = {}
+    for name, (layer, module) in loaded.items():
+        check_layer(layer, model.cfg.n_layers)
+        modules[name] = {layer: module.to(dtype)}
+    rows = token_rows(model.tokenizer, docs, cfg.context, max_rows=cfg.eval_tokens // cfg.context)
+    report = evaluate_many(model, modules, rows, batch_size=cfg.batch_size, progress=cfg.progress)
     table = []
     for name, r in report.results.items():
         (layer, module), = modules[name].items()
-        row = {"method": module.architecture, "k": module.cfg.k, "n_params": module.n_params(), **r.to_dict()}
-        table.append(row)
+        method = registry.method_of(module.architecture) if registry.find(module.architecture) else module.architecture
+        table.append({"method": method, "k": module.cfg.k, "n_params": module.n_params(), **r.to_dict()})
     print(format_table(table))
     b = report.baselines
     print(f"clean CE {b.ce_clean:.4f}, zero-ablated {b.ce_zero_ablation:.4f}, mean-ablated {b.ce_mean_ablation:.4f}")
     if out is not None:
-        write_json_atomic(out / "eval.json", report.to_dict())
+        with out:
+            write_json(out.staging / "eval.json", report.to_dict())
+            out.commit()
     return 0
 
 
+# --- the parser -------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     """argparse with usage errors as ONE line on stderr (exit status 2)."""
 
@@ -218,43 +375,65 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_run_command(sub: Any, name: str, help: str, base: FrontierConfig, func: Callable, multi_layer: bool) -> None:
+    p = sub.add_parser(name, help=help, description=help)
+    groups = _add_flags(p, FrontierConfig, base, FLAGS)
+    layers_help = (
+        "comma list of blocks to train at, all from one activation stream (modules go to "
+        "OUT/layer_<L>/<method>_k<K> when there are several) (default: --layer)"
+        if multi_layer else "comma list of blocks; the frontier takes one (default: --layer)"
+    )
+    groups["model and data"].add_argument("--layers", type=_int_list, default=argparse.SUPPRESS, metavar="L1,L2", help=layers_help)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="output folder (may exist; files already in it are never touched)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run (results.json) in --out; it is replaced only once the new run succeeds")
+    p.set_defaults(func=lambda a: func(a, base))
+
+
+def _selected_command(argv: Sequence[str] | None) -> str | None:
+    """The subcommand named in `argv` (top-level options take no values)."""
+    if argv is None:
+        return None
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `mxd-lens` parser. With `argv`, only the plugin subcommand it names is imported
+    (the others are listed by their help line), so `--help` imports no torch; without it
+    every plugin is imported."""
     parser = _Parser(prog="mxd-lens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"mxd-lens {mxd_lens.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="the frontier on the embedded model within 15 minutes on 2 CPU cores")
-    _add_run_flags(p, with_eval=True)
-    p.set_defaults(func=lambda a: _cmd_frontier(a, demo_config()))
+    _add_run_command(sub, "demo", "the frontier on the embedded model within 15 minutes on 2 CPU cores",
+                     demo_config(), _cmd_frontier, multi_layer=False)
+    _add_run_command(sub, "frontier", "MxD vs transcoder vs skip transcoder at matched parameters over a K list",
+                     FrontierConfig(), _cmd_frontier, multi_layer=False)
+    _add_run_command(sub, "train", "train modules (methods x K, at one or several layers) and save them",
+                     FrontierConfig(), _cmd_train, multi_layer=True)
 
-    p = sub.add_parser("frontier", help="MxD vs transcoder vs skip transcoder at matched parameters over a K list")
-    _add_run_flags(p, with_eval=True)
-    p.set_defaults(func=lambda a: _cmd_frontier(a, FrontierConfig()))
-
-    p = sub.add_parser("train", help="train modules (methods x K) at one layer and save them")
-    _add_run_flags(p, with_eval=True)
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("eval", help="evaluate saved modules on held-out text (CE, NMSE, KL, L0...)")
-    p.add_argument("modules", nargs="*", help="module folders")
-    p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M)")
-    p.add_argument("--layer", type=int, default=None, help="layer (default: each module's cfg.layer)")
-    p.add_argument("--eval-dataset", default=None, help="held-out text (default: Persuasion)")
-    p.add_argument("--eval-tokens", type=int, default=16_384, help="held-out tokens")
-    p.add_argument("--context", type=int, default=128, help="tokens per row")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
-    p.add_argument("--out", default=None, help="folder for eval.json")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    help = "evaluate saved modules on held-out text (CE, NMSE, KL, L0...)"
+    p = sub.add_parser("eval", help=help, description=help)
+    p.add_argument("modules", nargs="*", help=field_docs(EvalConfig)["modules"])
+    _add_flags(p, EvalConfig, EvalConfig(), EVAL_FLAGS)
+    p.add_argument("--out", default=None,
+                   help="folder for eval.json (may exist; nothing else in it is touched) (default: print only)")
     p.set_defaults(func=_cmd_eval)
 
-    for name in PLUGIN_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).add_subcommand(sub)
+    selected = _selected_command(argv)
+    for name, (module, help) in PLUGINS.items():
+        if argv is None or selected == name:
+            importlib.import_module(module).add_subcommand(sub)
+        else:
+            sub.add_parser(name, help=help, add_help=False)  # listed; built for real when chosen
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 on success)."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse has already printed its one-line usage error
@@ -262,7 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
-        print(f"mxd-lens {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split("\n"))
+        print(f"mxd-lens {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"mxd-lens {args.command}: interrupted", file=sys.stderr)

@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from mxd_lens.validation import check_layer
 
 
 def model_dtype(model: HookedTransformer) -> torch.dtype:
@@ -39,29 +40,76 @@ class Prefix:
     """The residual stream entering layer `start`, and what `forward` needs to resume."""
 
     resid: Float[Tensor, "rows ctx d_model"]
+    """The residual stream entering block `start`."""
     start: int
-    shortformer_pos_embed: Tensor | None
-    attention_mask: Tensor | None
+    """The first block `resume` runs."""
+    shortformer_pos_embed: Float[Tensor, "rows ctx d_model"] | None
+    """A shortformer model's positional embedding, added to every attention input."""
+    attention_mask: Int[Tensor, "rows ctx"] | None
+    """1 for real tokens, 0 for padding (None: no padding)."""
 
-    def resume(self, model: HookedTransformer) -> Float[Tensor, "rows ctx vocab"]:
-        """Logits of the model from layer `start` on (whatever is spliced in now)."""
+    def resume(self, model: HookedTransformer, stop_at_layer: int | None = None) -> Tensor:
+        """The model from layer `start` on (whatever is spliced in now): the logits
+        [rows, ctx, vocab], or with `stop_at_layer` the residual stream entering that
+        layer [rows, ctx, d_model] (`stop_at_layer=start + 1` runs block `start` alone)."""
         return model(
             self.resid,
             start_at_layer=self.start,
+            stop_at_layer=stop_at_layer,
             shortformer_pos_embed=self.shortformer_pos_embed,
             attention_mask=self.attention_mask,
         )
 
+    @property
+    def rows(self) -> int:
+        """Number of token rows."""
+        return self.resid.shape[0]
 
-def run_prefix(model: HookedTransformer, tokens: Int[Tensor, "rows ctx"], start: int) -> Prefix:
+    def repeat(self, copies: int) -> "Prefix":
+        """`copies` copies of the batch stacked along the rows (copy c holds rows
+        c*rows..(c+1)*rows-1), with the positional and mask tensors repeated alike: many
+        patched variants of one batch then share one forward pass."""
+
+        def rep(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.repeat(copies, *([1] * (t.ndim - 1)))
+
+        return Prefix(rep(self.resid), self.start, rep(self.shortformer_pos_embed), rep(self.attention_mask))
+
+
+def run_prefix(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "rows ctx"],
+    start: int,
+    attention_mask: Int[Tensor, "rows ctx"] | None = None,
+) -> Prefix:
     """Embed and run blocks 0..start-1. Keeps the positional and mask tensors that a
-    full forward would pass to later blocks (shortformer models, left padding)."""
-    resid, _, pos_embed, mask = model.input_to_embed(tokens)
+    full forward would pass to later blocks (shortformer models, left padding: the mask
+    TransformerLens derives from a left-padding tokenizer, or `attention_mask` as
+    `model(tokens, attention_mask=...)` takes it)."""
+    check_layer(start, model.cfg.n_layers, "start")
+    device = model_device(model)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+    resid, _, pos_embed, mask = model.input_to_embed(tokens.to(device), attention_mask=attention_mask)
     if start > 0:
         resid = model(
             resid, start_at_layer=0, stop_at_layer=start, shortformer_pos_embed=pos_embed, attention_mask=mask
         )
     return Prefix(resid, start, pos_embed, mask)
+
+
+def post_mlp_norm(model: HookedTransformer) -> str | None:
+    """The normalisation a block applies to its MLP's output before `hook_mlp_out` (Gemma's
+    `ln2_post`, OLMo-2's post-norm `ln2`), or None when `blocks.L.hook_mlp_out` carries
+    the MLP's own output. Only code that reads the named TransformerLens hook needs this;
+    the module hooks of `capture_mlp_io` see the MLP's output in every model."""
+    from transformer_lens.components import transformer_block
+
+    if getattr(model.cfg, "use_normalization_before_and_after", False):
+        return "ln2_post (normalisation after the MLP)"
+    if model.cfg.original_architecture in getattr(transformer_block, "POST_NORM_ARCHITECTURES", ()):
+        return f"ln2 (the post-norm of {model.cfg.original_architecture})"
+    return None
 
 
 @contextmanager
@@ -120,5 +168,6 @@ __all__ = [
     "constant_mlp_outputs",
     "model_device",
     "model_dtype",
+    "post_mlp_norm",
     "run_prefix",
 ]

@@ -109,22 +109,70 @@ def register(arch: Architecture, *, replace: bool = False) -> Architecture:
     if not replace:
         if arch.name in _TABLE:
             raise ValueError(f"architecture {arch.name!r} is already registered")
-        taken = {a.method for a in _TABLE.values() if a.method} | set(_TABLE)
-        if arch.method is not None and arch.method in taken:
+        methods_taken = {a.method for a in _TABLE.values() if a.method}
+        if arch.name in methods_taken:
+            raise ValueError(f"architecture name {arch.name!r} is already taken as a method name")
+        if arch.method is not None and arch.method in methods_taken | set(_TABLE):
             raise ValueError(f"method name {arch.method!r} is already taken")
+    _check_classes(arch)
+    previous = _TABLE.get(arch.name)
     _TABLE[arch.name] = arch
-    import sys
-
-    if "mxd_lens.architectures" in sys.modules and arch.sae is not None:
+    if _architectures_imported() and arch.sae is not None:
         from mxd_lens.architectures import register_with_saelens
 
-        register_with_saelens([arch])
+        try:
+            register_with_saelens([arch])
+        except BaseException:  # e.g. another package owns the name in SAE-Lens: leave no half entry
+            if previous is None:
+                del _TABLE[arch.name]
+            else:
+                _TABLE[arch.name] = previous
+            raise
     return arch
 
 
+def _check_classes(arch: Architecture) -> None:
+    """The entry's classes agree with it and with each other (checked where they are
+    given as classes: 'module:Class' strings are not imported here)."""
+    if (arch.sae is None) != (arch.sae_config is None):
+        raise ValueError(
+            f"architecture {arch.name!r}: sae and sae_config go together (the SAE-Lens class and its "
+            "config class); give both or neither"
+        )
+    module = None if isinstance(arch.module, str) else arch.module
+    if module is not None:
+        own = getattr(module, "architecture", None)
+        if own != arch.name:
+            raise ValueError(
+                f"Architecture(name={arch.name!r}) but {module.__name__}.architecture={own!r}: they must be "
+                "equal (cfg.json records the module's architecture name)"
+            )
+    sae_config = None if isinstance(arch.sae_config, str) else arch.sae_config
+    if module is not None and sae_config is not None:
+        described = getattr(sae_config, "module_class", None)
+        if described is not module:
+            raise ValueError(
+                f"architecture {arch.name!r}: {sae_config.__name__}.module_class is "
+                f"{getattr(described, '__name__', described)!r}, not {module.__name__!r}; the SAE-Lens config "
+                "class must describe this module"
+            )
+
+
 def unregister(name: str) -> None:
-    """Remove an architecture added with `register` (tests use it to clean up)."""
-    _TABLE.pop(name, None)
+    """Remove an architecture added with `register` (tests use it to clean up), from this
+    table and from SAE-Lens's registry. Unknown names are ignored."""
+    if _TABLE.pop(name, None) is not None and _architectures_imported():
+        from mxd_lens.architectures import unregister_from_saelens
+
+        unregister_from_saelens(name)
+
+
+def _architectures_imported() -> bool:
+    """Whether `mxd_lens.architectures` (and so SAE-Lens) is imported: only then is there an
+    SAE-Lens registry to keep in step (importing it would import torch)."""
+    import sys
+
+    return getattr(sys.modules.get("mxd_lens.architectures"), "_READY", False)
 
 
 def architectures() -> list[Architecture]:

@@ -6,8 +6,10 @@ splicing through SAE-Lens's HookedSAETransformer.
 | "mxd" | `MxDSAE` / `MxDSAEConfig` | `MxD` |
 | "topk_transcoder" | `TopKTranscoderSAE` / `TopKTranscoderSAEConfig` | `TopKTranscoder` |
 | "topk_skip_transcoder" | `TopKSkipTranscoderSAE` / `TopKSkipTranscoderSAEConfig` | `SkipTranscoder` |
+| "mlp_out_topk_sae" | `OutputSiteSAEView` / `OutputSiteSAEConfig` | `OutputSiteSAE` |
 
-The classes live in their architecture's file (`mxd_lens.architectures`); `import mxd_lens`
+The classes live in their architecture's file (`mxd_lens.architectures`) and are named by
+`mxd_lens.registry` (where a new architecture adds its own); `import mxd_lens`
 registers them with SAE-Lens, so one folder loads with `mxd_lens.load` and with
 `sae_lens.SAE.load_from_disk` / `SAE.from_pretrained`. Weights keep their names:
 W_enc/b_enc/W_dec/b_dec are an MxD's expert gate and expert matrix (the experts are its
@@ -30,6 +32,7 @@ from sae_lens import SAE, HookedSAETransformer
 from transformer_lens import HookedTransformer
 
 from mxd_lens import registry, storage
+from mxd_lens.model_io import post_mlp_norm
 from mxd_lens.architectures import register_with_saelens
 from mxd_lens.architectures.base import Replacement, ReplacementSAE, ReplacementSAEConfig
 from mxd_lens.architectures.mxd import MxDSAE, MxDSAEConfig
@@ -45,6 +48,9 @@ def register() -> None:
     """Register every architecture of `mxd_lens.registry` with SAE-Lens (done on
     `import mxd_lens`; safe to call again)."""
     register_with_saelens()
+
+
+register()  # also on importlib.reload of this module, as before the architectures/ split
 
 
 # --- conversions --------------------------------------------------------------------------
@@ -106,23 +112,20 @@ def check_splice(model: HookedTransformer, sae: SAE) -> None:
         )
     match = _MLP_OUT.match(hook_out)
     if match and hook_in != hook_out:
-        block = model.blocks[int(match.group(1))]
-        if getattr(model.cfg, "use_normalization_before_and_after", False) or hasattr(block, "ln2_post"):
+        norm = post_mlp_norm(model)
+        if norm is not None:
             raise ValueError(
-                f"{hook_out} is after this model's post-MLP norm (ln2_post), not the MLP output: "
-                "HookedSAETransformer would splice the module in the wrong place; use "
-                "mxd_lens.attach(model, {layer: module}) instead"
+                f"{hook_out} is after this model's post-MLP norm, {norm}, not the MLP output: HookedSAETransformer "
+                "would splice the module in the wrong place; use mxd_lens.attach(model, {layer: module}) "
+                "instead (it replaces the MLP module itself)"
             )
-        if model.cfg.original_architecture in _post_norm_architectures():
+        if hook_in.endswith("ln2.hook_normalized") and model.cfg.normalization_type in ("LN", "RMS"):
             raise ValueError(
-                f"{hook_out} is after this post-norm model's ln2, not the MLP output; use mxd_lens.attach instead"
+                f"{hook_in} fires before ln2's weight in a model loaded with fold_ln=False "
+                f"(normalization_type={model.cfg.normalization_type!r}), so it is not the MLP's input: "
+                "HookedSAETransformer would feed the module the wrong activations; use "
+                "mxd_lens.attach(model, {layer: module}) instead, or load the model with fold_ln=True"
             )
-
-
-def _post_norm_architectures() -> frozenset[str]:
-    from transformer_lens.components import transformer_block
-
-    return frozenset(getattr(transformer_block, "POST_NORM_ARCHITECTURES", ()))
 
 
 def add_sae(model: HookedSAETransformer, sae: SAE, use_error_term: bool = False) -> None:

@@ -40,6 +40,9 @@ from mxd_lens.atomic import write_dir, write_json
 from mxd_lens.config import dtype_name, parse_dtype
 from mxd_lens.validation import check_tensors
 
+atomic_write_dir = write_dir
+"""The old name (from when this module was `mxd_lens.io`) of `mxd_lens.atomic.write_dir`."""
+
 FORMAT_VERSION = 1
 """Version of the folder layout written by `save`; `load` reads this and every older one."""
 CFG_FILE = SAE_CFG_FILENAME
@@ -308,7 +311,10 @@ def _foreign_architecture(folder: Path) -> str | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None  # read_config gives the precise error
     name = raw.get("architecture") if isinstance(raw, dict) else None
-    if not isinstance(name, str) or registry.find(name) is not None:
+    if not isinstance(name, str):
+        return None
+    ours = registry.find(name)  # finds method names too: SAE-Lens's 'skip_transcoder' is our method name
+    if ours is not None and ours.name == name:
         return None
     from sae_lens.registry import SAE_CLASS_REGISTRY
 
@@ -345,6 +351,7 @@ __all__ = [
     "METADATA_KEYS",
     "SPARSITY_FILE",
     "WEIGHTS_FILE",
+    "atomic_write_dir",
     "check_tensors",
     "config_from_json",
     "config_json",

@@ -41,7 +41,8 @@ def check_token_matrix(tokens: Any, vocab: int | None = None, min_ctx: int = 1, 
         raise ValueError(f"{name} must be 2-D [rows, ctx], got shape {tuple(tokens.shape)}")
     if tokens.shape[0] < 1 or tokens.shape[1] < min_ctx:
         raise ValueError(
-            f"{name} has shape {tuple(tokens.shape)}; expected at least 1 row of at least {min_ctx} token(s)"
+            f"{name} has shape {tuple(tokens.shape)}; expected at least 1 row of at least "
+            f"{min_ctx} token{'' if min_ctx == 1 else 's'}"
         )
     if vocab is not None:
         lo, hi = int(tokens.min()), int(tokens.max())

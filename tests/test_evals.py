@@ -30,8 +30,8 @@ from mxd_lens.evals import (
     mlp_output_means,
 )
 from mxd_lens.evals.metrics import clean_next_token, next_token_ce_kl, paired_stderr
-from mxd_lens.evals.passes import run_prefix
-from mxd_lens.replacement import Replacement
+from mxd_lens.model_io import run_prefix
+from mxd_lens.architectures.base import Replacement, bypass, through
 
 TOL = dict(rel=1e-5, abs=1e-5)
 
@@ -238,7 +238,8 @@ class WrappedMLP(Replacement):
         self.setup()
 
     def reconstruct(self, x, hooked=True):
-        neurons = self.hook_fn(hooked)(self.hook_neurons, F.gelu(x @ self.W_in + self.b_in))
+        h = through if hooked else bypass  # through the hook point or around it
+        neurons = h(self.hook_neurons, F.gelu(x @ self.W_in + self.b_in))
         return neurons @ self.W_out + self.b_out
 
 

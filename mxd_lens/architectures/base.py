@@ -548,8 +548,14 @@ class ReplacementSAE(UnitMath, SAE):
     class). HookedSAETransformer calls only `encode()` then `decode()`; an MxD's output
     needs the dense branch D^T z of the same input, and a skip transcoder's the skip term,
     so `encode` keeps the encoding (the context, and the sparse TopK when nothing hooks
-    the activations) for the next `decode`. The module computes in its own dtype and
-    returns the dtype of the activations it was given."""
+    the activations) for the next `decode`.
+
+    The view computes and returns in its own dtype, as SAE-Lens's own SAEs do and as the
+    attached module does: a half-precision TransformerLens model hands its normalised
+    activations (`ln2.hook_normalized`) over in float32, so returning the input's dtype
+    would put a float32 MLP output into a bfloat16 model and make HookedSAETransformer
+    differ from `attach`. (In a model of another dtype the output is promoted where it
+    joins the residual stream.)"""
 
     cfg: ReplacementSAEConfig
     W_enc: nn.Parameter
@@ -559,7 +565,7 @@ class ReplacementSAE(UnitMath, SAE):
 
     def __init__(self, cfg: ReplacementSAEConfig, use_error_term: bool = False) -> None:
         super().__init__(cfg, use_error_term)
-        self._encoded: tuple[Tensor, Encoding, torch.dtype] | None = None
+        self._encoded: tuple[Tensor, Encoding] | None = None
 
     @property
     def n_units(self) -> int:
@@ -583,13 +589,12 @@ class ReplacementSAE(UnitMath, SAE):
                 f"{type(self).__name__} has d_in={self.cfg.d_in} but the input has last dimension "
                 f"{x.shape[-1]} (shape {tuple(x.shape)})"
             )
-        in_dtype = x.dtype
         enc = encode_units(self, self.process_sae_in(x), self.hook_sae_acts_pre, self.hook_sae_acts_post, through)
         if enc.acts is None:  # unhooked: still hand SAE-Lens dense activations
             enc_acts = enc.dense(self.n_units)
         else:
             enc_acts = enc.acts
-        self._encoded = (enc_acts, enc, in_dtype)
+        self._encoded = (enc_acts, enc)
         return enc_acts
 
     def decode(self, feature_acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_out"]:
@@ -603,7 +608,7 @@ class ReplacementSAE(UnitMath, SAE):
                 )
             out = decode_units(self, Encoding(None, feature_acts.to(self.dtype), None))
             return self.hook_sae_recons(out)
-        acts, enc, in_dtype = saved
+        acts, enc = saved
         if acts.shape != feature_acts.shape:
             raise ValueError(
                 f"decode got activations of shape {tuple(feature_acts.shape)} but the last encode() returned "
@@ -611,7 +616,7 @@ class ReplacementSAE(UnitMath, SAE):
             )
         if not (enc.sparse is not None and feature_acts is acts):  # edited or hooked: dense
             enc = Encoding(None, feature_acts.to(self.dtype), enc.context)
-        return self.hook_sae_recons(decode_units(self, enc)).to(in_dtype)
+        return self.hook_sae_recons(decode_units(self, enc))
 
     def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_out"]:
         if not self.use_error_term:

@@ -19,12 +19,12 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from mxd_lens.functional import topk_relu
+from mxd_lens.functional import TopK, topk_relu
+from mxd_lens.architectures.saelens_adapter import sparse_units
 from mxd_lens.circuits.patching import find_site
+from mxd_lens.validation import check_positive_int, check_token_matrix
 from mxd_lens.architectures.base import Replacement
 
-
-"""Pre-TopK hooks of MxDs and transcoders/SAEs: hooking them keeps the sparse path."""
 
 
 @dataclass
@@ -105,8 +105,8 @@ def collect_activations(
     """Record the K active units of every token of `tokens` for the replacement attached at
     `layer` (runs the model only up to that layer; the module keeps its sparse path)."""
     site = find_site(model, layer)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [rows, ctx], got shape {tuple(tokens.shape)}")
+    check_token_matrix(tokens, model.cfg.d_vocab)
+    batch_rows = check_positive_int("batch_rows", batch_rows)
     module = site.module
     k = module.cfg.k
     name = site.name(module.pre_hook_name)
@@ -126,7 +126,9 @@ def collect_activations(
     for start in starts:
         batch = tokens[start : start + batch_rows].to(model.cfg.device)
         model.run_with_hooks(batch, stop_at_layer=layer + 1, fwd_hooks=[(name, grab)])
-        sparse = module.activate(current.pop("pre"))
+        units = module.activate(current.pop("pre"))
+        # dense activations (an SAE-Lens SAE's): each token's k strongest units
+        sparse = units if isinstance(units, TopK) else sparse_units(units, k)
         indices[start : start + len(batch)] = sparse.indices.to(torch.int32).cpu()
         values[start : start + len(batch)] = sparse.values.float().cpu()
     return UnitActivations(tokens.cpu(), indices, values, module.n_units, layer)
@@ -207,7 +209,7 @@ def write_dashboard(
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from mxd_lens.circuits import write_html
+    from mxd_lens.circuits.figures import write_html
 
     tok = model.tokenizer
     contexts = acts.top_contexts(unit, n_contexts)

@@ -5,19 +5,24 @@ activations sit at `blocks.{layer}.mlp.{module.acts_hook_name}` (after TopK), so
 patching one unit changes exactly that unit's coefficient. TransformerLens's own
 patching helpers build hook names with `get_act_name` and cannot address these hooks.
 
-Every patched run starts at `layer` from the cached corrupted residual stream and
-several patched copies of the corrupted batch share one forward pass.
+Clean and corrupted runs are captured once (`capture`: the prefix before `layer`, from
+`mxd_lens.model_io.run_prefix`, and every node's activations); every patched run resumes
+at `layer` from the corrupted prefix (`Prefix.resume`, which keeps the attention mask and
+shortformer positions a full forward pass would use), and several patched copies of the
+corrupted batch share one forward pass (`Prefix.repeat`). The functions that need
+captures take them as optional arguments, so a caller that has them does not capture twice.
 
-Besides the units, a replacement has up to two more kinds of node, each one per
-position: its error term (`hook_error`, present when attached with
-`use_error_term=True`) and, for an MxD, the dense branch z (`hook_hidden`), which every
-expert multiplies. With every node at its clean value the replacement's output is the
+Besides the units, a replacement has more kinds of node, each one per position: its
+error term (`hook_error`, present when attached with `use_error_term=True`) and the
+architecture's own `extra_nodes` (an MxD's dense branch z, `hook_hidden`, which every
+expert multiplies). With every node at its clean value the replacement's output is the
 clean MLP output, so the node set accounts for the whole layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -27,13 +32,17 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from mxd_lens.architectures.base import Replacement
+from mxd_lens.model_io import Prefix, run_prefix
+from mxd_lens.validation import check_layer, check_token_matrix
 
 Metric = Callable[[Float[Tensor, "batch pos d_vocab"]], Float[Tensor, ""]]
 """Maps the logits of one batch of prompts to a scalar (e.g. a mean logit difference)."""
 
-NODE_KINDS: tuple[str, ...] = ("unit", "error", "dense")
-"""Node kinds: a unit's activation at one position; the error term at one position;
-an MxD's dense hidden vector z at one position."""
+NODE_KINDS: tuple[str, ...] = ("unit", "error")
+"""The node kinds every replacement can have: a unit's activation at one position, and
+the error term at one position (with `use_error_term`). An architecture adds its own
+per-position kinds in `Replacement.extra_nodes` (an MxD's dense hidden vector, 'dense');
+`Site.node_hooks()` lists the kinds a given attached module has."""
 
 _LOGIT_BUDGET = 2**26
 """Logit elements (x 4 bytes) one batched patching pass may hold: ~256 MB in fp32."""
@@ -77,9 +86,7 @@ def find_site(model: HookedTransformer, layer: int) -> Site:
     """The replacement attached at `layer`, or a ValueError saying what is there instead."""
     if not isinstance(model, HookedTransformer):
         raise ValueError(f"expected a transformer_lens.HookedTransformer, got {type(model).__name__}")
-    n_layers = model.cfg.n_layers
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-        raise ValueError(f"layer={layer!r} is out of range: the model has layers 0..{n_layers - 1}")
+    check_layer(layer, model.cfg.n_layers)
     module = getattr(model.blocks[layer], "mlp", None)
     if not isinstance(module, Replacement):
         raise ValueError(
@@ -89,12 +96,11 @@ def find_site(model: HookedTransformer, layer: int) -> Site:
     return Site(layer, module)
 
 
-def check_tokens(clean: Tensor, corrupted: Tensor) -> None:
-    """Both token tensors [batch, pos] integers of one shape, else a ValueError saying which."""
-    for name, t in (("clean_tokens", clean), ("corrupted_tokens", corrupted)):
-        if not isinstance(t, Tensor) or t.ndim != 2 or t.dtype.is_floating_point:
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be an integer tensor [batch, pos], got {shape}")
+def check_tokens(clean: Tensor, corrupted: Tensor, vocab: int | None = None) -> None:
+    """Both token tensors [batch, pos] integer ids (`check_token_matrix`) of one shape,
+    else a ValueError saying which."""
+    check_token_matrix(clean, vocab, name="clean_tokens")
+    check_token_matrix(corrupted, vocab, name="corrupted_tokens")
     if clean.shape != corrupted.shape:
         raise ValueError(
             f"clean_tokens has shape {tuple(clean.shape)} but corrupted_tokens has shape "
@@ -106,21 +112,40 @@ def check_indices(values: Sequence[int] | Tensor | None, size: int, what: str, b
     """Validate positions or unit indices: integers in [0, size); None means all of them."""
     if values is None:
         return list(range(size))
-    out = [int(v) for v in (values.tolist() if isinstance(values, Tensor) else values)]
-    if not out:
+    raw = values.tolist() if isinstance(values, Tensor) else list(values)
+    if not raw:
         raise ValueError(f"{what} is empty; pass None for all {size} of them")
-    bad = [v for v in out if not 0 <= v < size]
+    bad = [v for v in raw if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < size]
     if bad:
-        raise ValueError(f"{what} {bad[:5]} out of range: expected indices in [0, {size}) ({bound_desc})")
-    return out
+        raise ValueError(f"{what} {bad[:5]} out of range: expected integer indices in [0, {size}) ({bound_desc})")
+    return [int(v) for v in raw]
 
 
 # --- capturing activations ------------------------------------------------------------
+@dataclass
+class Capture:
+    """One run of a batch up to the end of the patched layer: the prefix before it (what
+    patched runs resume from) and every node kind's activations."""
+
+    prefix: Prefix
+    """The residual stream entering the layer, with its positional and mask tensors."""
+    nodes: dict[str, Tensor] = field(default_factory=dict)
+    """Node kind -> activations at its hook ([batch, pos, width])."""
+
+    def __getitem__(self, kind: str) -> Tensor:
+        """A node kind's activations; 'resid' is the residual stream entering the layer."""
+        return self.prefix.resid if kind == "resid" else self.nodes[kind]
+
+    @property
+    def layer(self) -> int:
+        return self.prefix.start
+
+
 @torch.no_grad()
-def capture(model: HookedTransformer, tokens: Tensor, site: Site) -> dict[str, Tensor]:
-    """One run up to the end of `layer`: the residual entering it ('resid') and every
-    node kind's activations ('unit', 'error', 'dense')."""
-    names = {"resid": site.resid_name, **site.node_hooks()}
+def capture(model: HookedTransformer, tokens: Int[Tensor, "batch pos"], site: Site) -> Capture:
+    """Run the blocks before `site.layer` once (`run_prefix`), then that block alone,
+    recording every node kind's activations."""
+    hooks = site.node_hooks()
     store: dict[str, Tensor] = {}
 
     def saver(kind: str) -> Callable[[Tensor, HookPoint], None]:
@@ -129,12 +154,41 @@ def capture(model: HookedTransformer, tokens: Tensor, site: Site) -> dict[str, T
 
         return hook
 
-    model.run_with_hooks(
-        tokens.to(model.cfg.device),
-        stop_at_layer=site.layer + 1,
-        fwd_hooks=[(name, saver(kind)) for kind, name in names.items()],
-    )
-    return store
+    prefix = run_prefix(model, tokens, site.layer)
+    with model.hooks(fwd_hooks=[(name, saver(kind)) for kind, name in hooks.items()]):
+        prefix.resume(model, stop_at_layer=site.layer + 1)
+    return Capture(prefix, store)
+
+
+def _captures(
+    model: HookedTransformer,
+    site: Site,
+    clean_tokens: Tensor,
+    corrupted_tokens: Tensor,
+    clean: Capture | None,
+    corrupted: Capture | None,
+) -> tuple[Capture, Capture]:
+    """The given captures (checked against the site and the tokens), or fresh ones."""
+    out = []
+    for name, tokens, given in (("clean", clean_tokens, clean), ("corrupted", corrupted_tokens, corrupted)):
+        if given is None:
+            out.append(capture(model, tokens, site))
+            continue
+        if not isinstance(given, Capture):
+            raise ValueError(f"{name} must be a Capture from mxd_lens.patching.capture, got {type(given).__name__}")
+        if given.layer != site.layer or set(given.nodes) != set(site.node_hooks()):
+            raise ValueError(
+                f"the {name} capture is of layer {given.layer} with node kinds {sorted(given.nodes)}, but the "
+                f"replacement at layer {site.layer} has node kinds {sorted(site.node_hooks())}; capture again "
+                "with the module attached as it is now"
+            )
+        if tuple(given.prefix.resid.shape[:2]) != tuple(tokens.shape):
+            raise ValueError(
+                f"the {name} capture holds {tuple(given.prefix.resid.shape[:2])} [batch, pos] but "
+                f"{name}_tokens has shape {tuple(tokens.shape)}"
+            )
+        out.append(given)
+    return out[0], out[1]
 
 
 # --- batched patched runs ---------------------------------------------------------------
@@ -146,29 +200,33 @@ def _copies_per_pass(batch: int, pos: int, d_vocab: int) -> int:
 def patched_metrics(
     model: HookedTransformer,
     site: Site,
-    corrupted: dict[str, Tensor],
-    clean: dict[str, Tensor],
+    corrupted: Capture,
+    clean: Capture,
     masks: dict[str, Tensor],
     metric: Metric,
 ) -> Float[Tensor, " copies"]:
     """Metric of the corrupted run with some nodes at their clean values, for many node sets.
 
-    `masks[kind]` is a boolean [copies, pos, width] ('unit': width n_units, 'error' and
-    'dense': width 1, i.e. the whole vector at that position); copy c patches the nodes
+    `masks[kind]` is a boolean [copies, pos, width] ('unit': width n_units; every other
+    kind width 1, i.e. the whole vector at that position); copy c patches the nodes
     where `masks[kind][c]` is True. The copies are stacked along the batch and run from
-    `layer` on the cached corrupted residual, several per forward pass.
+    `layer` on the captured corrupted prefix, several per forward pass.
     """
-    n_copies = next(iter(masks.values())).shape[0]
-    batch, pos = corrupted["resid"].shape[:2]
-    per_pass = _copies_per_pass(batch, pos, model.cfg.d_vocab)
     hooks = site.node_hooks()
+    unknown = sorted(set(masks) - set(hooks))
+    if unknown:
+        raise ValueError(f"masks for node kinds {unknown}, but the replacement at layer {site.layer} has {sorted(hooks)}")
+    n_copies = next(iter(masks.values())).shape[0]
+    batch, pos = corrupted.prefix.resid.shape[:2]
+    per_pass = _copies_per_pass(batch, pos, model.cfg.d_vocab)
+    device = corrupted.prefix.resid.device
     out = torch.empty(n_copies)
     for start in range(0, n_copies, per_pass):
         stop = min(n_copies, start + per_pass)
         c = stop - start
 
         def patcher(kind: str) -> Callable[[Tensor, HookPoint], Tensor]:
-            mask = masks[kind][start:stop].to(corrupted["resid"].device)  # [c, pos, width]
+            mask = masks[kind][start:stop].to(device)  # [c, pos, width]
 
             def hook(act: Tensor, hook: HookPoint) -> Tensor:
                 act = act.view(c, batch, *act.shape[1:])
@@ -177,9 +235,8 @@ def patched_metrics(
 
             return hook
 
-        fwd = [(hooks[kind], patcher(kind)) for kind in masks]
-        resid = corrupted["resid"].repeat(c, 1, 1)
-        logits = model.run_with_hooks(resid, start_at_layer=site.layer, fwd_hooks=fwd)
+        with model.hooks(fwd_hooks=[(hooks[kind], patcher(kind)) for kind in masks]):
+            logits = corrupted.prefix.repeat(c).resume(model)
         logits = logits.view(c, batch, *logits.shape[1:])
         for i in range(c):
             out[start + i] = metric(logits[i]).detach().float().cpu()
@@ -202,6 +259,9 @@ def activation_patch(
     units: Sequence[int] | Tensor | None = None,
     positions: Sequence[int] | Tensor | None = None,
     progress: bool = False,
+    *,
+    clean: Capture | None = None,
+    corrupted: Capture | None = None,
 ) -> Float[Tensor, "n_positions n_units"]:
     """Metric of the corrupted run with one unit's activation at one position (all batch
     rows) set to its clean value, for every (position, unit) cell.
@@ -210,17 +270,17 @@ def activation_patch(
     of them); positions default to all. Cells whose clean and corrupted activations are
     equal in every batch row are exact no-ops and get the unpatched corrupted metric
     without a run. With the error term on, the error stays at its corrupted value, so a
-    cell measures the unit's own effect.
+    cell measures the unit's own effect. `clean` / `corrupted`: captures of these tokens
+    already made with `capture` (otherwise they are made here).
     """
     site = find_site(model, layer)
-    check_tokens(clean_tokens, corrupted_tokens)
+    check_tokens(clean_tokens, corrupted_tokens, model.cfg.d_vocab)
     pos = clean_tokens.shape[1]
     n_units = site.module.n_units
     positions = check_indices(positions, pos, "positions", f"the sequences have {pos} positions")
     units = check_indices(units, n_units, "units", f"the {site.module.architecture} has n_units={n_units}")
-    clean = capture(model, clean_tokens, site)
-    corrupted = capture(model, corrupted_tokens, site)
-    device = corrupted["resid"].device
+    clean, corrupted = _captures(model, site, clean_tokens, corrupted_tokens, clean, corrupted)
+    device = corrupted.prefix.resid.device
 
     p_idx = torch.tensor(positions, device=device)
     u_idx = torch.tensor(units, device=device)
@@ -254,16 +314,29 @@ def activation_patch(
 class Attribution:
     """First-order estimate, for every node, of the metric change when it is patched clean:
     (clean activation - corrupted activation) . d metric / d activation at the corrupted
-    run, summed over the batch (and over the vector for error and dense nodes)."""
+    run, summed over the batch (and over the vector for every per-position kind)."""
 
-    unit: Float[Tensor, "pos n_units"]
-    """Per (position, unit)."""
-    error: Float[Tensor, " pos"] | None
-    """Per position, the error term as one node (None without `use_error_term`)."""
-    dense: Float[Tensor, " pos"] | None
-    """Per position, an MxD's dense hidden vector z as one node (None for other modules)."""
+    nodes: dict[str, Tensor]
+    """Node kind -> scores: 'unit' [pos, n_units]; every other kind (the error term,
+    the architecture's `extra_nodes`) [pos], the whole vector at a position as one node."""
     corrupted_metric: float
     """Metric of the corrupted run (with the replacement attached)."""
+
+    @property
+    def unit(self) -> Float[Tensor, "pos n_units"]:
+        """Per (position, unit)."""
+        return self.nodes["unit"]
+
+    @property
+    def error(self) -> Float[Tensor, " pos"] | None:
+        """Per position, the error term as one node (None without `use_error_term`)."""
+        return self.nodes.get("error")
+
+    @property
+    def dense(self) -> Float[Tensor, " pos"] | None:
+        """Per position, the 'dense' node kind (an MxD's hidden vector z; None for
+        modules without one)."""
+        return self.nodes.get("dense")
 
 
 def node_attributions(
@@ -272,10 +345,13 @@ def node_attributions(
     corrupted_tokens: Int[Tensor, "batch pos"],
     metric: Metric,
     layer: int,
+    *,
+    clean: Capture | None = None,
+    corrupted: Capture | None = None,
 ) -> Attribution:
     """Attribution scores of every node kind with one forward and one backward pass over the
-    corrupted batch (plus a forward pass over the clean batch up to `layer`, for the clean
-    activations).
+    corrupted batch from `layer` on (plus the captures, unless given: one run of each
+    batch up to the end of `layer`).
 
     The error term is computed without gradient in the core (as in SAE-Lens), so it is a
     constant in the backward pass: the gradient at the units flows only through the
@@ -285,9 +361,8 @@ def node_attributions(
     which single-layer patching never uses.
     """
     site = find_site(model, layer)
-    check_tokens(clean_tokens, corrupted_tokens)
-    clean = capture(model, clean_tokens, site)
-    corrupted = capture(model, corrupted_tokens, site)
+    check_tokens(clean_tokens, corrupted_tokens, model.cfg.d_vocab)
+    clean, corrupted = _captures(model, site, clean_tokens, corrupted_tokens, clean, corrupted)
     hooks = site.node_hooks()
     leaves: dict[str, Tensor] = {}
 
@@ -299,13 +374,8 @@ def node_attributions(
 
         return hook
 
-    with torch.enable_grad():
-        logits = model.run_with_hooks(
-            corrupted["resid"],
-            start_at_layer=layer,
-            fwd_hooks=[(name, leaf(kind)) for kind, name in hooks.items()],
-        )
-        value = metric(logits)
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(name, leaf(kind)) for kind, name in hooks.items()]):
+        value = metric(corrupted.prefix.resume(model))
         kinds = list(leaves)
         grads = torch.autograd.grad(value, [leaves[k] for k in kinds], allow_unused=True)
     scores: dict[str, Tensor] = {}
@@ -314,12 +384,8 @@ def node_attributions(
         grad = torch.zeros_like(delta) if grad is None else grad
         prod = (delta * grad).sum(0)  # over the batch
         scores[kind] = (prod if kind == "unit" else prod.sum(-1)).detach().float().cpu()
-    return Attribution(
-        unit=scores["unit"],
-        error=scores.get("error"),
-        dense=scores.get("dense"),
-        corrupted_metric=float(value.detach()),
-    )
+    ordered = {kind: scores[kind] for kind in hooks if kind in scores}  # 'unit' first
+    return Attribution(nodes=ordered, corrupted_metric=float(value.detach()))
 
 
 def attribution_patch(
@@ -328,6 +394,9 @@ def attribution_patch(
     corrupted_tokens: Int[Tensor, "batch pos"],
     metric: Metric,
     layer: int,
+    *,
+    clean: Capture | None = None,
+    corrupted: Capture | None = None,
 ) -> Float[Tensor, "pos n_units"]:
     """(clean activation - corrupted activation) x d metric / d activation at the corrupted
     run, summed over the batch, for every (position, unit) of the replacement at `layer`:
@@ -336,14 +405,17 @@ def attribution_patch(
     An attached replacement routes a hooked activation through its dense mixing path, so
     units the corrupted run did not select get their true gradient too (a unit off in the
     corrupted run and on in the clean one is scored by its full clean activation).
-    See `node_attributions` for the error term and the MxD dense branch.
+    See `node_attributions` for the error term and the other node kinds.
     """
-    return node_attributions(model, clean_tokens, corrupted_tokens, metric, layer).unit
+    return node_attributions(
+        model, clean_tokens, corrupted_tokens, metric, layer, clean=clean, corrupted=corrupted
+    ).unit
 
 
 __all__ = [
     "Metric",
     "Site",
+    "Capture",
     "Attribution",
     "NODE_KINDS",
     "find_site",

@@ -17,7 +17,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from mxd_lens.circuits.patching import find_site
+from mxd_lens.circuits.patching import check_indices, find_site
 
 Mode = Literal["add", "clamp"]
 
@@ -37,10 +37,8 @@ def steer(
     if not units:
         raise ValueError("units is empty; expected {unit index: value}")
     n_units = site.module.n_units
-    bad = [u for u in units if isinstance(u, bool) or not isinstance(u, int) or not 0 <= u < n_units]
-    if bad:
-        raise ValueError(f"units {bad[:5]} out of range: the {site.module.architecture} has n_units={n_units}")
-    idx = torch.tensor(list(units), dtype=torch.long)
+    keys = check_indices(list(units), n_units, "units", f"the {site.module.architecture} has n_units={n_units}")
+    idx = torch.tensor(keys, dtype=torch.long)
     val = torch.tensor([float(v) for v in units.values()])
 
     def hook(acts: Tensor, hook: HookPoint) -> Tensor:

@@ -4,31 +4,19 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from mxd_lens.attach import check_attachable
 from mxd_lens.model_io import model_device, model_dtype
 from mxd_lens.architectures.base import Replacement
+from mxd_lens.validation import check_layer, check_positive_int, check_token_matrix
 
 
 def check_tokens(model: HookedTransformer, tokens: object) -> None:
-    """Raise ValueError unless `tokens` is a non-empty [rows, ctx >= 2] tensor of ids."""
-    if not isinstance(tokens, Tensor):
-        raise ValueError(f"tokens must be a torch.Tensor of token ids [rows, ctx], got {type(tokens).__name__}")
-    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
-        raise ValueError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be 2-D [rows, ctx], got shape {tuple(tokens.shape)}")
-    if tokens.shape[0] < 1 or tokens.shape[1] < 2:
-        raise ValueError(
-            f"tokens has shape {tuple(tokens.shape)}; expected at least 1 row of at least 2 tokens "
-            "(one next-token prediction)"
-        )
-    lo, hi, vocab = int(tokens.min()), int(tokens.max()), model.cfg.d_vocab
-    if lo < 0 or hi >= vocab:
-        raise ValueError(f"token ids span [{lo}, {hi}] but the model's vocabulary is [0, {vocab})")
+    """Raise ValueError unless `tokens` is a non-empty [rows, ctx >= 2] tensor of ids of
+    the model's vocabulary (ctx >= 2: at least one next-token prediction per row)."""
+    check_token_matrix(tokens, model.cfg.d_vocab, min_ctx=2)
 
 
 def check_candidates(
@@ -85,8 +73,19 @@ def check_mean_outputs(
 
 
 def check_batch_size(batch_size: object) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
-    return batch_size
+    """`batch_size` as a positive int."""
+    return check_positive_int("batch_size", batch_size)
 
 
+def check_layers(model: HookedTransformer, layers: object) -> tuple[int, ...]:
+    """A non-empty collection of the model's layer indices, sorted and deduplicated."""
+    n = model.cfg.n_layers
+    values = list(layers) if isinstance(layers, (list, tuple, set, frozenset)) else None
+    if not values:
+        raise ValueError(f"layers={layers!r}: expected one or more layers in 0..{n - 1}")
+    for layer in values:
+        try:
+            check_layer(layer, n)
+        except ValueError:
+            raise ValueError(f"layers={values!r}: expected one or more layers in 0..{n - 1}") from None
+    return tuple(sorted(set(values)))

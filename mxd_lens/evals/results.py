@@ -81,10 +81,10 @@ class EvalResult:
     usage_entropy_normalized: float = float("nan")
     """usage_entropy / log(n_units), in [0, 1] (mean over layers)."""
     nmse_per_layer: dict[int, float] = field(default_factory=dict)
+    """NMSE of each replaced layer."""
     module_metrics: dict[str, float] = field(default_factory=dict)
     """The modules' own figures (`Replacement.metrics()`, e.g. an MxD's expert_cos), mean
     over the layers whose modules report them."""
-    """NMSE of each replaced layer."""
 
     def to_dict(self) -> dict[str, Any]:
         """All fields, JSON-ready (non-finite floats become None, layer keys strings)."""

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from mxd_lens.attach import attach
-from mxd_lens.evals.checks import check_batch_size, check_candidates, check_mean_outputs, check_tokens
+from mxd_lens.evals.checks import check_batch_size, check_candidates, check_layers, check_mean_outputs, check_tokens
 from mxd_lens.evals.metrics import (
     CleanNextToken,
     UnitStats,
@@ -37,8 +37,8 @@ from mxd_lens.model_io import (
 )
 from mxd_lens.evals.results import CEBaselines, EvalReport, EvalResult
 from mxd_lens.functional import squared_error_sums
-from mxd_lens.validation import check_layer
 from mxd_lens.architectures.base import Replacement
+from mxd_lens.architectures.saelens_adapter import as_modules
 
 
 @dataclass
@@ -122,6 +122,7 @@ def evaluate_many(
     Args:
         model: the language model; its MLPs at the candidates' layers are the originals.
         candidates: name -> {layer: module}; modules must match the model's dtype/device.
+            A module may be a SAE-Lens SAE or transcoder (see `saelens_adapter.as_module`).
         tokens: [rows, ctx] token ids (held-out text; rows starting with the separator).
         batch_size: rows per forward pass.
         use_error_term: splice with `attach(..., use_error_term=True)` (the model's output
@@ -135,6 +136,7 @@ def evaluate_many(
     check_tokens(model, tokens)
     batch_size = check_batch_size(batch_size)
     layers = check_candidates(model, candidates)
+    candidates = {name: as_modules(reps) for name, reps in candidates.items()}  # SAE-Lens SAEs: wrapped once
     if mean_outputs is None:
         means = mlp_output_means(model, tokens, layers, batch_size=batch_size, progress=progress)
         mean_source = "evaluation tokens"
@@ -239,11 +241,7 @@ def mlp_output_means(
     (the mean-ablation vectors), accumulated in float64; stops after the last layer."""
     check_tokens(model, tokens)
     batch_size = check_batch_size(batch_size)
-    layers = tuple(sorted(layers))
-    if not layers:
-        raise ValueError("layers is empty; expected one or more layers")
-    for layer in layers:
-        check_layer(layer, model.cfg.n_layers)
+    layers = check_layers(model, layers)
     sums = {layer: torch.zeros(model.cfg.d_model, dtype=torch.float64) for layer in layers}
     device = model_device(model)
     with torch.no_grad():

@@ -17,12 +17,10 @@ results.json is written last, atomically: a folder without it holds no result.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
-import os
-import tempfile
+import inspect
+import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,99 +32,22 @@ from mxd_lens import registry
 from mxd_lens.architectures.base import Replacement, Sizes
 from mxd_lens.atomic import write_json
 from mxd_lens.config import parse_dtype
+from mxd_lens.experiments.config import FrontierConfig, demo_config
+from mxd_lens.experiments.results import (
+    RESULT_KEYS,
+    RESULTS_FILE,
+    ROW_KEYS,
+    ResultRow,
+    RunResults,
+    previous_module_folders,
+)
 from mxd_lens.precision import resolve_autocast
-from mxd_lens.training.config import TrainerConfig
+from mxd_lens.run_folder import RunFolder
 from mxd_lens.validation import check_layer
 
 METHODS = tuple(registry.methods())
-RESULT_KEYS = (
-    "model", "layer", "train_tokens", "eval_tokens", "ce_clean", "ce_zero_ablation", "ce_mean_ablation",
-    "seed", "config", "versions", "rows",
-)
-ROW_KEYS = (
-    "method", "k", "n_params", "nmse", "ce", "delta_ce", "delta_ce_stderr", "ce_recovered", "kl", "l0",
-    "dead_fraction", "usage_entropy", "expert_cos",
-)
-RESULTS_FILE = "results.json"
-
-
-@dataclass(kw_only=True)
-class FrontierConfig:
-    """One frontier run: which model, data, methods, sizes and budget."""
-
-    model: str | None = None
-    """Language model: None for the embedded default (SmolLM2-135M-Instruct), a local
-    Hugging Face folder, or a TransformerLens model name."""
-    layer: int = 12
-    """Block whose MLP is replaced."""
-    dataset: str | None = None
-    """Training text: None for the embedded corpus's train split, else a .txt file, a
-    folder of them, or a Hugging Face dataset name."""
-    eval_dataset: str | None = None
-    """Held-out text: None for the embedded held-out book (Persuasion) when `dataset` is
-    None, else the last `eval_fraction` of `dataset`'s documents."""
-    eval_fraction: float = 0.1
-    """Share of `dataset`'s documents held out when no `eval_dataset` is given."""
-    context: int = 128
-    """Tokens per row (each row starts with the separator token 0)."""
-    methods: list[str] = field(default_factory=registry.methods)
-    """Methods to train: any of 'mxd', 'transcoder', 'skip_transcoder' (architecture
-    names such as 'topk_transcoder' are accepted as aliases)."""
-    ks: list[int] = field(default_factory=lambda: [16, 32])
-    """Active units per token (TopK's K) to train each method at."""
-    width: int | None = None
-    """Transcoder width W (latents); None: 16 * d_model. The MxD is matched to it."""
-    d_hidden: int | None = None
-    """MxD hidden width H; None: the model's d_mlp."""
-    collect_tokens: int = 491_520
-    """Unique training tokens run through the language model (the rest of
-    `trainer.train_tokens` are further epochs over them)."""
-    eval_tokens: int = 16_384
-    """Held-out tokens for the evaluation (rounded down to whole rows)."""
-    eval_batch_size: int = 8
-    """Rows per forward pass in the evaluation."""
-    dtype: str = "float32"
-    """dtype of the language model and of the modules (evaluate CE in float32)."""
-    device: str = "cpu"
-    """Device of the model and the training."""
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    """Training settings shared by every module (tokens, batch, lr, seed...)."""
-    progress: bool = True
-    """Show progress bars."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.trainer, dict):
-            self.trainer = TrainerConfig.from_dict(self.trainer)
-        if not self.methods:
-            raise ValueError(f"methods is empty; expected some of {registry.methods()}")
-        self.methods = registry.canonical_methods(list(self.methods))
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError(f"methods={self.methods} lists a method twice")
-        if not self.ks:
-            raise ValueError("ks is empty; expected at least one K")
-        for k in self.ks:
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ValueError(f"K={k!r} must be a positive integer")
-        if len(set(self.ks)) != len(self.ks):
-            raise ValueError(f"ks={self.ks} lists a K twice")
-        for name in ("width", "d_hidden"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.width is not None and max(self.ks) > self.width:
-            raise ValueError(f"K={max(self.ks)} is larger than the transcoder width {self.width}")
-        for name in ("context", "collect_tokens", "eval_tokens", "eval_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.context < 2:
-            raise ValueError(f"context={self.context} but a row needs at least 2 tokens")
-        if not 0 < self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction={self.eval_fraction} must lie strictly between 0 and 1")
-        parse_dtype(self.dtype)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+CHECKPOINTS = "checkpoints"
+"""The run folder's checkpoint subfolder (kept when a run fails, for `--resume`)."""
 
 
 def module_name(method: str, k: int) -> str:
@@ -134,24 +55,144 @@ def module_name(method: str, k: int) -> str:
     return registry.module_folder_name(method, k)
 
 
-def resolve_sizes(model: HookedTransformer, cfg: FrontierConfig) -> Sizes:
-    """The model-derived sizes every method is built at; raises ValueError when a K
-    does not fit a method's number of units (checked on meta-device modules)."""
-    d = model.cfg.d_model
-    sizes = Sizes(
-        d_model=d,
-        width=cfg.width or 16 * d,
-        d_hidden=cfg.d_hidden or model.cfg.d_mlp,
-        glu=bool(model.cfg.gated_mlp),
-        act_fn=str(model.cfg.act_fn),
+def sizes_of(cfg: FrontierConfig, d_model: int, d_mlp: int, glu: bool, act_fn: str) -> Sizes:
+    """The sizes every method is built at, from the model's shape and the run's config."""
+    return Sizes(
+        d_model=d_model,
+        width=cfg.width or 16 * d_model,
+        d_hidden=cfg.d_hidden or d_mlp,
+        glu=bool(glu),
+        act_fn=str(act_fn),
     )
+
+
+def check_sizes(sizes: Sizes, cfg: FrontierConfig) -> Sizes:
+    """Raise ValueError when a K does not fit a method's number of units (checked on
+    meta-device modules: the modules' own checks, nothing allocated)."""
     for method in cfg.methods:
+        n_units = build_module(method, 1, sizes, cfg.layer, None, cfg.dtype, "meta").n_units
         for k in cfg.ks:
+            if k > n_units:
+                raise ValueError(
+                    f"K={k} is larger than the {registry.label(method)}'s {n_units} units at this model's sizes "
+                    f"(transcoder width {sizes.width}); pass a smaller K or a larger width"
+                )
             try:
                 build_module(method, k, sizes, cfg.layer, None, cfg.dtype, "meta")
             except ValueError as err:
                 raise ValueError(f"{method} at K={k}: {err}") from None
     return sizes
+
+
+def resolve_sizes(model: HookedTransformer, cfg: FrontierConfig) -> Sizes:
+    """The model-derived sizes every method is built at; raises ValueError when a K
+    does not fit a method's number of units (checked on meta-device modules)."""
+    c = model.cfg
+    return check_sizes(sizes_of(cfg, c.d_model, c.d_mlp, bool(c.gated_mlp), str(c.act_fn)), cfg)
+
+
+# Hugging Face model types whose MLP is gated (TransformerLens's gated_mlp), and some that
+# are not; for any other type the sizes are checked once the model is loaded.
+_GATED_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite"}
+_PLAIN_TYPES = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "phi", "gpt_neo"}
+
+
+def _first(config: dict[str, Any], *keys: str) -> Any:
+    return next((config[k] for k in keys if isinstance(config.get(k), int) and not isinstance(config.get(k), bool)), None)
+
+
+def model_config_file(model: str | None) -> Path | None:
+    """The config.json that describes `model` without loading it: the default model's
+    converted folder, or a local folder's own (None for hub names, or before the default
+    model's first conversion). A local folder without one is an error."""
+    if model is None or str(model).lower() in _default_aliases():
+        from mxd_lens.sources.model import default_model_folder
+
+        path = default_model_folder() / "config.json"
+        return path if path.is_file() else None
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"model {str(model)!r} is not a Hugging Face model folder: it has no config.json")
+        return folder / "config.json"
+    return None
+
+
+def _default_aliases() -> set[str]:
+    from mxd_lens.sources import model as sources_model
+
+    return set(getattr(sources_model, "_DEFAULT_ALIASES", {sources_model.DEFAULT_MODEL_NAME.lower()}))
+
+
+def model_shape(model: str | None) -> dict[str, Any]:
+    """What a model's config.json says about its shape, read without loading weights:
+    `n_layers`, and `d_model`, `d_mlp`, `glu`, `act_fn` where the model type is known
+    (a key is absent when it cannot be told)."""
+    path = model_config_file(model)
+    if path is None:
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable config.json ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object")  # noqa: TRY004
+    config = {**config.get("text_config", {}), **config} if isinstance(config.get("text_config"), dict) else config
+    shape: dict[str, Any] = {}
+    n_layers = _first(config, "num_hidden_layers", "n_layer", "num_layers")
+    if n_layers is not None:
+        shape["n_layers"] = n_layers
+    d_model = _first(config, "hidden_size", "n_embd", "d_model")
+    model_type = config.get("model_type")
+    if d_model is not None and model_type in _GATED_TYPES | _PLAIN_TYPES:
+        d_mlp = _first(config, "intermediate_size", "n_inner", "ffn_dim") or 4 * d_model
+        act = config.get("hidden_act") or config.get("activation_function") or "gelu"
+        shape.update(d_model=d_model, d_mlp=d_mlp, glu=model_type in _GATED_TYPES, act_fn=str(act))
+    return shape
+
+
+def preflight(cfg: FrontierConfig, layers: Sequence[int] | None = None) -> dict[str, Any]:
+    """Check the run against the model before loading it: the model folder, every
+    layer's range and every K against each method's number of units, from the model's
+    config.json (what cannot be told from it is checked once the model is loaded).
+    Returns the shape it read (`model_shape`)."""
+    check_model_name(cfg.model, cfg.model_name)
+    shape = model_shape(cfg.model)
+    for layer in layers if layers is not None else [cfg.layer]:
+        if "n_layers" in shape:
+            check_layer(layer, shape["n_layers"])
+    if "d_model" in shape:
+        check_sizes(sizes_of(cfg, shape["d_model"], shape["d_mlp"], shape["glu"], shape["act_fn"]), cfg)
+    return shape
+
+
+def check_model_name(model: str | None, model_name: str | None) -> None:
+    """`model_name` picks the TransformerLens conversion of a local folder: refuse it for
+    anything else before loading."""
+    if model_name is None:
+        return
+    if model is None or not Path(model).expanduser().is_dir():
+        shown = "the default model" if model is None else repr(model)
+        raise ValueError(
+            f"model_name={model_name!r} picks the TransformerLens conversion of a local model folder, "
+            f"but {shown} is not a folder; pass --model FOLDER with it"
+        )
+
+
+def load_run_model(model: str | None, model_name: str | None, device: str, dtype: str) -> HookedTransformer:
+    """`mxd_lens.sources.load_model` with the run's settings (`model_name` passed on only
+    when given)."""
+    from mxd_lens.sources import load_model
+
+    kwargs: dict[str, Any] = {}
+    if model_name is not None:
+        if "model_name" not in inspect.signature(load_model).parameters:
+            raise RuntimeError(
+                f"model_name={model_name!r} needs mxd_lens.sources.load_model(..., model_name=...), "
+                "which this installation's loader does not accept yet"
+            )
+        kwargs["model_name"] = model_name
+    return load_model(model, device=device, dtype=parse_dtype(dtype), **kwargs)
 
 
 def build_module(method: str, k: int, sizes: Sizes, layer: int, model_name: str | None, dtype: str, device: str) -> Replacement:
@@ -177,23 +218,16 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
-    """Create `out` and prove it writable before any expensive work; refuse to mix a
-    new run into a folder that already holds a result unless `overwrite`."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    """Refuse an `out` that cannot take a new run (not a folder; holds results.json and
+    not `overwrite`), then create it. Deletes nothing: commands write through
+    `mxd_lens.run_folder.RunFolder`, which replaces an old result only on success."""
+    folder = RunFolder(out, overwrite=overwrite)
+    folder.check()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
+        Path(out).mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"--out {str(out)!r} is not writable ({err.strerror or err})") from None
-    if (out / RESULTS_FILE).exists():
-        if not overwrite:
-            raise ValueError(f"--out {str(out)!r} already holds {RESULTS_FILE}; pass --overwrite or choose another folder")
-        (out / RESULTS_FILE).unlink()  # a failed rerun must not leave the old result beside new modules
-    return out
+    return Path(out)
 
 
 def load_docs(cfg: FrontierConfig) -> tuple[list[str], list[str]]:
@@ -245,31 +279,57 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def module_folders(cfg: FrontierConfig, layers: Sequence[int] | None = None) -> dict[str, tuple[int, str, int]]:
+    """Relative folder -> (layer, method, K) of every module a run trains: '<method>_k<K>'
+    at one layer, 'layer_<L>/<method>_k<K>' when several layers are trained at once."""
+    layers = list(layers) if layers is not None else [cfg.layer]
+    out = {}
+    for layer in layers:
+        for k in cfg.ks:
+            for method in cfg.methods:
+                name = module_name(method, k)
+                out[name if len(layers) == 1 else f"layer_{layer}/{name}"] = (layer, method, k)
+    return out
+
+
 def train_modules(
     model: HookedTransformer,
     cfg: FrontierConfig,
     train_rows: Tensor,
     out: Path | None,
     eval_rows: Tensor | None = None,
+    layers: Sequence[int] | None = None,
 ) -> tuple[dict[str, Replacement], dict[str, Any]]:
-    """Build and train every (method, K) from one activation stream; save each module
-    into out/<method>_k<K> when `out` is given. Returns (modules, training summaries)."""
+    """Build and train every (method, K) (at every layer of `layers`, default
+    [cfg.layer]) from one activation stream; save each module into out/<folder>
+    (`module_folders`) when `out` is given. Returns (modules by folder, info: the sizes,
+    training summaries by folder, and the mean MLP output per layer)."""
     from mxd_lens.training import fit
 
-    check_layer(cfg.layer, model.cfg.n_layers)
+    plan = module_folders(cfg, layers)
+    for layer in {layer for layer, _, _ in plan.values()}:
+        check_layer(layer, model.cfg.n_layers)
     sizes = resolve_sizes(model, cfg)
     modules = {
-        module_name(m, k): build_module(m, k, sizes, cfg.layer, model.cfg.model_name, cfg.dtype, cfg.device)
-        for k in cfg.ks for m in cfg.methods
+        folder: build_module(method, k, sizes, layer, model.cfg.model_name, cfg.dtype, cfg.device)
+        for folder, (layer, method, k) in plan.items()
     }
-    summaries = fit(model, {n: (cfg.layer, m) for n, m in modules.items()}, train_rows, cfg.trainer, eval_tokens=eval_rows)
+    # fit's names must not hold '/': 'layer_3/mxd_k8' trains as 'layer_3.mxd_k8'
+    fit_name = {folder: folder.replace("/", ".") for folder in plan}
+    summaries = fit(
+        model, {fit_name[f]: (plan[f][0], m) for f, m in modules.items()}, train_rows, cfg.trainer, eval_tokens=eval_rows
+    )
     if out is not None:
-        for name, module in modules.items():
-            module.save(out / name)
+        for folder, module in modules.items():
+            module.save(out / folder)
+    by_folder = {f: summaries[fit_name[f]] for f in plan}
+    target_mean = {}
+    for folder, (layer, _, _) in plan.items():
+        target_mean.setdefault(layer, by_folder[folder].target_mean)
     info = {
         "sizes": sizes._asdict(),
-        "summaries": {n: s.to_dict() for n, s in summaries.items()},
-        "target_mean": {cfg.layer: next(iter(summaries.values())).target_mean},
+        "summaries": {f: s.to_dict() for f, s in by_folder.items()},
+        "target_mean": target_mean,
     }
     return modules, info
 
@@ -286,79 +346,84 @@ def run_frontier(
 ) -> dict[str, Any]:
     """Train, evaluate and write a frontier run into `out`; returns results.json's payload.
 
-    `model`, `train_rows` and `eval_rows` default to loading what `cfg` names.
+    `model`, `train_rows` and `eval_rows` default to loading what `cfg` names. Everything
+    is checked that can be before the model loads (`preflight`), and the run is written
+    through `RunFolder`: a failure leaves `out` as it was (an old finished run included,
+    `overwrite` or not); with `overwrite` a finished run is replaced only on success.
     """
     from mxd_lens.evals import evaluate_many
     from mxd_lens.experiments.plots import write_frontier_html
 
     timings: dict[str, float] = {}
-    out = prepare_out_dir(out, overwrite)
+    folder = RunFolder(out, overwrite=overwrite, keep_on_failure=[CHECKPOINTS])
+    folder.check()
+    if model is None:
+        preflight(cfg)
     t = time.perf_counter()
     docs = load_docs(cfg) if train_rows is None or eval_rows is None else None  # data errors before the model loads
     timings["load_text"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if model is None:
-        from mxd_lens.sources import load_model
+    with folder:
+        stale = previous_module_folders(folder.out)
+        t = time.perf_counter()
+        if model is None:
+            model = load_run_model(cfg.model, cfg.model_name, cfg.device, cfg.dtype)
+        timings["load_model"] = time.perf_counter() - t
+        check_layer(cfg.layer, model.cfg.n_layers)
+        resolve_sizes(model, cfg)  # size errors before any data work
+        t = time.perf_counter()
+        if docs is not None:
+            loaded_train, loaded_eval = tokenize_docs(cfg, model.tokenizer, *docs)
+            train_rows = loaded_train if train_rows is None else train_rows
+            eval_rows = loaded_eval if eval_rows is None else eval_rows
+        timings["tokenize"] = time.perf_counter() - t
 
-        model = load_model(cfg.model, device=cfg.device, dtype=parse_dtype(cfg.dtype))
-    timings["load_model"] = time.perf_counter() - t
-    check_layer(cfg.layer, model.cfg.n_layers)
-    resolve_sizes(model, cfg)  # size errors before any data work
-    t = time.perf_counter()
-    if docs is not None:
-        loaded_train, loaded_eval = tokenize_docs(cfg, model.tokenizer, *docs)
-        train_rows = loaded_train if train_rows is None else train_rows
-        eval_rows = loaded_eval if eval_rows is None else eval_rows
-    timings["tokenize"] = time.perf_counter() - t
+        t = time.perf_counter()
+        modules, info = train_modules(model, cfg, train_rows, folder.staging)
+        timings["train"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    modules, info = train_modules(model, cfg, train_rows, out)
-    timings["train"] = time.perf_counter() - t
+        t = time.perf_counter()
+        mean = {cfg.layer: info["target_mean"][cfg.layer].to(cfg.device, parse_dtype(cfg.dtype))}
+        report = evaluate_many(
+            model, {n: {cfg.layer: m} for n, m in modules.items()}, eval_rows,
+            batch_size=cfg.eval_batch_size, mean_outputs=mean, progress=cfg.progress,
+        )
+        timings["eval"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    mean = {cfg.layer: info["target_mean"][cfg.layer].to(cfg.device, parse_dtype(cfg.dtype))}
-    report = evaluate_many(
-        model, {n: {cfg.layer: m} for n, m in modules.items()}, eval_rows,
-        batch_size=cfg.eval_batch_size, mean_outputs=mean, progress=cfg.progress,
-    )
-    timings["eval"] = time.perf_counter() - t
-
-    rows = []
-    for name, module in modules.items():
-        r = report.results[name].to_dict()
-        method, k = registry.parse_module_folder_name(name)
-        row = {"method": method, "k": k, "n_params": module.n_params()}
-        row.update({key: r[key] for key in ROW_KEYS if key not in row})
-        rows.append(row)
-    base = report.baselines
-    run_config = cfg.to_dict()
-    run_config["resolved"] = {
-        **info["sizes"],
-        "train_autocast": str(resolve_autocast(cfg.trainer.autocast, cfg.device)),
-        "collect_autocast": str(resolve_autocast(cfg.trainer.activations.autocast, cfg.device)),
-        "train_rows": list(train_rows.shape),
-        "eval_rows": list(eval_rows.shape),
-    }
-    results = {
-        "model": model.cfg.model_name,
-        "layer": cfg.layer,
-        "train_tokens": cfg.trainer.total_steps * cfg.trainer.batch_size,
-        "eval_tokens": base.n_tokens,
-        "ce_clean": base.ce_clean,
-        "ce_zero_ablation": base.ce_zero_ablation,
-        "ce_mean_ablation": base.ce_mean_ablation,
-        "seed": cfg.trainer.seed,
-        "config": run_config,
-        "versions": versions(),
-        "rows": rows,
-    }
-    t = time.perf_counter()
-    write_frontier_html(results, out / "frontier.html")
-    timings["plot"] = time.perf_counter() - t
-    summaries = info["summaries"]
-    write_json_atomic(out / "training.json", {"timings_seconds": timings, "summaries": summaries})
-    write_json_atomic(out / RESULTS_FILE, results)  # last: its presence marks a finished run
-    echo(format_table(rows))
+        rows = []
+        for name, module in modules.items():
+            r = report.results[name].to_dict()
+            method, k = registry.parse_module_folder_name(name)
+            fixed = {"method": method, "k": k, "n_params": module.n_params()}
+            rows.append(ResultRow(**fixed, **{key: r[key] for key in ROW_KEYS if key not in fixed}))
+        base = report.baselines
+        run_config = cfg.to_dict()
+        run_config["resolved"] = {
+            **info["sizes"],
+            "train_autocast": str(resolve_autocast(cfg.trainer.autocast, cfg.device)),
+            "collect_autocast": str(resolve_autocast(cfg.trainer.activations.autocast, cfg.device)),
+            "train_rows": list(train_rows.shape),
+            "eval_rows": list(eval_rows.shape),
+        }
+        results = RunResults(
+            model=model.cfg.model_name,
+            layer=cfg.layer,
+            train_tokens=cfg.trainer.total_steps * cfg.trainer.batch_size,
+            eval_tokens=base.n_tokens,
+            ce_clean=base.ce_clean,
+            ce_zero_ablation=base.ce_zero_ablation,
+            ce_mean_ablation=base.ce_mean_ablation,
+            seed=cfg.trainer.seed,
+            config=run_config,
+            versions=versions(),
+            rows=rows,
+        ).to_dict()
+        t = time.perf_counter()
+        write_frontier_html(results, folder.staging / "frontier.html")
+        timings["plot"] = time.perf_counter() - t
+        write_json_atomic(folder.staging / "training.json", {"timings_seconds": timings, "summaries": info["summaries"]})
+        write_json_atomic(folder.staging / RESULTS_FILE, results)  # moved in last: its presence marks a finished run
+        folder.commit(stale=stale)
+    echo(format_table(results["rows"]))
     echo(
         f"clean CE {base.ce_clean:.4f}, zero-ablated {base.ce_zero_ablation:.4f}, mean-ablated "
         f"{base.ce_mean_ablation:.4f} on {base.n_tokens:,} held-out predictions"
@@ -368,15 +433,24 @@ def run_frontier(
 
 
 __all__ = [
+    "CHECKPOINTS",
     "FrontierConfig",
     "METHODS",
+    "RESULTS_FILE",
     "RESULT_KEYS",
     "ROW_KEYS",
     "build_module",
+    "check_sizes",
+    "demo_config",
+    "load_run_model",
+    "model_shape",
+    "module_folders",
+    "preflight",
     "format_table",
     "module_name",
     "prepare_out_dir",
     "resolve_sizes",
     "run_frontier",
+    "sizes_of",
     "train_modules",
 ]

@@ -10,7 +10,6 @@ published folder is always one that `mxd_lens.load` accepts.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import socket
 import sys
@@ -18,46 +17,42 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from mxd_lens import io
-from mxd_lens.experiments.frontier import RESULT_KEYS as RESULTS_KEYS  # one definition of the run format
-from mxd_lens.experiments.frontier import RESULTS_FILE, ROW_KEYS
+from mxd_lens import registry
+from mxd_lens.experiments import results as run_format  # the one definition of the run format
+from mxd_lens.experiments.results import RESULTS_FILE, ROW_KEYS, previous_module_folders
+from mxd_lens.experiments.results import RESULT_KEYS as RESULTS_KEYS
+from mxd_lens.run_folder import RunFolder
 
+# Torch-free at import (storage is imported where a module is read), so that the command
+# line can register this subcommand without paying for torch.
+CFG_FILE = "cfg.json"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_MODULE_DIR = re.compile(r"^(?P<method>.+)_k(?P<k>\d+)$")
 
 
 def read_results(run_dir: Path) -> dict[str, Any]:
     """results.json of a run, with every key the model card needs checked."""
-    path = run_dir / RESULTS_FILE
+    path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: publish needs a finished training run's results")
+    return run_format.read_results(run_dir)
+
+
+def _folder_key(name: str) -> tuple[str, int] | None:
     try:
-        results = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(results, dict):
-        raise ValueError(f"{path}: expected a JSON object")  # noqa: TRY004  (bad input file)
-    missing = [k for k in RESULTS_KEYS if k not in results]
-    if missing:
-        raise ValueError(f"{path}: missing keys {missing}")
-    if not isinstance(results["rows"], list):
-        raise ValueError(f"{path}: 'rows' must be a list")  # noqa: TRY004
-    for i, row in enumerate(results["rows"]):
-        absent = [k for k in ROW_KEYS if not isinstance(row, dict) or k not in row]
-        if absent:
-            raise ValueError(f"{path}: rows[{i}] is missing keys {absent}")
-    return results
+        return registry.parse_module_folder_name(name)
+    except ValueError:
+        return None
 
 
 def module_dirs(run_dir: Path) -> dict[str, Path]:
     """The run's module folders (`<method>_k<K>` holding a cfg.json), by name."""
     found = {
         p.name: p
-        for p in sorted(run_dir.iterdir())
-        if p.is_dir() and _MODULE_DIR.match(p.name) and (p / io.CFG_FILE).is_file()
+        for p in sorted(Path(run_dir).iterdir())
+        if p.is_dir() and _folder_key(p.name) is not None and (p / CFG_FILE).is_file()
     }
     if not found:
-        raise FileNotFoundError(f"{run_dir} holds no module folders (<method>_k<K>/ with {io.CFG_FILE})")
+        raise FileNotFoundError(f"{run_dir} holds no module folders (<method>_k<K>/ with {CFG_FILE})")
     return found
 
 
@@ -93,9 +88,11 @@ def model_card(repo_id: str, results: dict[str, Any], folders: dict[str, dict[st
     )
     rows = sorted(results["rows"], key=lambda r: (str(r["method"]), r["k"]))
     table = ["| folder | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+    by_key = {_folder_key(name): name for name in folders}
     for row in rows:
-        name = f"{row['method']}_k{row['k']}"
-        folder = f"`{name}`" if name in folders else "(not published)"
+        arch = registry.find(str(row["method"]))
+        name = by_key.get((registry.method_of(arch.name), row["k"])) if arch is not None else None
+        folder = f"`{name}`" if name is not None else "(not published)"
         table.append(f"| {folder} | " + " | ".join(_fmt(row[c]) for c in cols) + " |")
     listing = "\n".join(
         f"- `{name}`: {info['architecture']}, d_in={info['d_in']}, {info['n_units']:,} "
@@ -103,6 +100,8 @@ def model_card(repo_id: str, results: dict[str, Any], folders: dict[str, dict[st
         f"hooks {info['hook_name']} -> {info['hook_name_out']}"
         for name, info in folders.items()
     )
+    from mxd_lens.storage import FORMAT_VERSION as format_version
+
     versions = (
         ", ".join(f"{k} {v}" for k, v in sorted(results["versions"].items()))
         if isinstance(results["versions"], dict)
@@ -166,7 +165,7 @@ with mxd_lens.attach(model, {{{results["layer"]}: module}}):  # model: a HookedT
 
 Weights are safetensors only (`sae_weights.safetensors`, plus `sparsity.safetensors`
 with log10 firing rates where known); `cfg.json` follows SAE-Lens's layout with
-`mxd_lens_format` {io.FORMAT_VERSION}. Software: {versions}.
+`mxd_lens_format` {format_version}. Software: {versions}.
 """
 
 
@@ -187,23 +186,31 @@ def publish(run_dir: str | Path, repo_id: str, dry_run: bool = True, out: str | 
         FileNotFoundError / ValueError: the run is incomplete or a module is invalid.
         RuntimeError: the upload was asked for and the hub cannot be reached.
     """
+    from mxd_lens import atomic, storage
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run folder at {run_dir}")
     if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id):
         raise ValueError(f"repo_id={repo_id!r} is not a Hugging Face repo id of the form 'user/name'")
     results = read_results(run_dir)
+    out = Path(out) if out is not None else run_dir / "hf_repo"
+    # A new layout replaces the previous publish's files (never anything else in `out`),
+    # and only once it is complete.
+    folder = RunFolder(out, overwrite=True, label="--out")
+    folder.check()
     # Load (validate) every module before writing anything.
     modules = {}
     for name, path in module_dirs(run_dir).items():
-        modules[name] = (io.load(path), io.firing_rates(path))
-    out = Path(out) if out is not None else run_dir / "hf_repo"
+        modules[name] = (storage.load(path), storage.firing_rates(path))
 
-    def write(tmp: Path) -> None:
+    with folder:
+        stale = previous_module_folders(out)
+        tmp = folder.staging
         folders = {}
         for name, (module, rates) in modules.items():
             meta = {"model_name": module.cfg.model_name or results["model"]}
-            io.save(module, tmp / name, metadata=meta, firing_rates=rates)
+            storage.save(module, tmp / name, metadata=meta, firing_rates=rates)
             cfg = module.cfg
             folders[name] = {
                 "architecture": module.architecture,
@@ -213,10 +220,9 @@ def publish(run_dir: str | Path, repo_id: str, dry_run: bool = True, out: str | 
                 "hook_name": cfg.hook_name,
                 "hook_name_out": cfg.hook_name_out,
             }
-        (tmp / "README.md").write_text(model_card(repo_id, results, folders))
-        (tmp / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-
-    io.atomic_write_dir(out, write)
+        atomic.write_text(tmp / "README.md", model_card(repo_id, results, folders))
+        atomic.write_json(tmp / RESULTS_FILE, results)
+        folder.commit(stale=stale)
     if not dry_run:
         upload(out, repo_id)
     return out

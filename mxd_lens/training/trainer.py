@@ -38,6 +38,7 @@ from mxd_lens.training.checkpoint import (
     ModuleCheckpoint,
     latest_checkpoint,
     load_checkpoint,
+    nan_from_null,
     save_checkpoint,
     set_rng_state,
 )
@@ -440,8 +441,8 @@ def _resume(cfg: TrainerConfig, runs: Mapping[str, _ModuleRun]) -> tuple[int, Da
         run.target_sum.copy_(t["target_sum"])
         run.target_count.copy_(t["target_count"])
         run.seconds = float(t["seconds"][0])
-        run.history = list(ckpt.state["history"][name])
-        run.last = dict(ckpt.state["last"][name])
+        run.history = [nan_from_null(entry) for entry in ckpt.state["history"][name]]
+        run.last = nan_from_null(ckpt.state["last"][name])
     set_rng_state(ckpt.rng)
     return int(ckpt.state["step"]), DataPosition(**ckpt.state["position"])
 

@@ -69,6 +69,28 @@ def test_curve_points_match_hand_written_runs(tiny_model, tokens, make):
     assert len(fig.data) == 1 and list(fig.data[0].y) == curve.fraction
 
 
+def test_curve_and_agreement_capture_each_batch_once(tiny_model, tokens):
+    """The clean and corrupted batches run through the layers before `layer` once each:
+    attribution, the patched runs and the clean metric reuse those captures."""
+    from mxd_lens.circuits import attribution_agreement
+
+    clean, corrupted, good, bad = tokens
+    metric = logit_diff(good, bad)
+    embeds = []
+    handle = tiny_model.embed.register_forward_hook(lambda m, a, out: embeds.append(1))
+    try:
+        with attach(tiny_model, {LAYER: make_mxd()}, use_error_term=True):
+            curve = faithfulness_curve(tiny_model, clean, corrupted, metric, LAYER, n_points=8)
+            assert len(embeds) == 2
+            agree = attribution_agreement(tiny_model, clean, corrupted, metric, LAYER, n_nodes=5)
+            assert len(embeds) == 4
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        assert curve.clean_metric == pytest.approx(float(metric(tiny_model(clean))), rel=1e-5)
+    assert len(agree.nodes) == 5
+
+
 def test_curve_grid_is_increasing_and_complete():
     for n_max in (0, 5, 40, 1000, 31_337):
         g = curve_grid(n_max, 30)

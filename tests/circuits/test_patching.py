@@ -187,3 +187,86 @@ def test_bad_input_raises_value_error(tiny_model, tokens, call, message):
     with attach(tiny_model, {LAYER: make_mxd()}):
         with pytest.raises(ValueError, match=message.replace("[", r"\[")):
             call(tiny_model, clean, corrupted, logit_diff(good, bad))
+
+
+def test_patched_runs_keep_shortformer_positions(tokens):
+    """Patched runs resume at the layer with the positional embedding a full forward pass
+    gives later blocks (a shortformer model adds it to every attention input): each cell
+    and each attribution equals a full forward of the corrupted tokens."""
+    clean, corrupted, good, bad = tokens
+    metric = logit_diff(good, bad)
+    torch.manual_seed(0)
+    model = HookedTransformer(HookedTransformerConfig(
+        n_layers=3, d_model=D_MODEL, d_mlp=64, n_ctx=16, d_head=8, n_heads=4, d_vocab=50,
+        act_fn="gelu", normalization_type="LN", positional_embedding_type="shortformer", seed=0,
+    ))  # fmt: skip
+    module = make_transcoder()
+    name = f"blocks.{LAYER}.mlp.{module.acts_hook_name}"
+    with attach(model, {LAYER: module}):
+        a_clean, a_corr = acts_of(model, name, clean), acts_of(model, name, corrupted)
+        result = activation_patch(model, clean, corrupted, metric, LAYER, positions=[2, 6])
+        differs = (a_clean[:, [2, 6]] != a_corr[:, [2, 6]]).any(0).nonzero().tolist()
+        assert len(differs) >= 3
+        for i, u in differs[:4]:
+            ref = reference_cell(model, name, corrupted, a_clean, metric, [2, 6][i], u)
+            assert result[i, u].item() == pytest.approx(ref, rel=1e-4, abs=1e-5)
+        saved = {}
+
+        def keep(act, hook):
+            act.retain_grad()
+            saved["a"] = act
+
+        metric(model.run_with_hooks(corrupted, fwd_hooks=[(name, keep)])).backward()
+        expected = ((a_clean - saved["a"].detach()) * saved["a"].grad).sum(0)
+        model.zero_grad(set_to_none=True)
+        module.zero_grad(set_to_none=True)
+        attr = node_attributions(model, clean, corrupted, metric, LAYER)
+    torch.testing.assert_close(attr.unit, expected, rtol=1e-4, atol=1e-6)
+    assert set(attr.nodes) == {"unit"} and attr.error is None and attr.dense is None
+
+
+def test_node_kinds_follow_the_module(tiny_model, tokens):
+    """Attribution.nodes holds exactly the attached module's node kinds (units, the error
+    term when attached with it, the architecture's extra_nodes), in that order."""
+    from mxd_lens.patching import find_site
+
+    clean, corrupted, good, bad = tokens
+    for make, error in ((make_mxd, True), (make_mxd, False), (make_transcoder, True)):
+        module = make()
+        with attach(tiny_model, {LAYER: module}, use_error_term=error):
+            attr = node_attributions(tiny_model, clean, corrupted, logit_diff(good, bad), LAYER)
+            kinds = list(find_site(tiny_model, LAYER).node_hooks())
+        assert list(attr.nodes) == kinds == ["unit"] + ["error"] * error + list(module.extra_nodes)
+        assert attr.unit.shape == (clean.shape[1], module.n_units)
+        for kind in kinds[1:]:
+            assert attr.nodes[kind].shape == (clean.shape[1],)
+        assert (attr.error is not None) == error and (attr.dense is not None) == ("dense" in module.extra_nodes)
+
+
+def test_given_captures_are_reused_and_checked(tiny_model, tokens):
+    """A capture passed in is used as is (no second run of the prefix), and one of another
+    layer or batch is refused."""
+    from mxd_lens.patching import capture, find_site
+
+    clean, corrupted, good, bad = tokens
+    metric = logit_diff(good, bad)
+    with attach(tiny_model, {LAYER: make_mxd()}, use_error_term=True):
+        site = find_site(tiny_model, LAYER)
+        c, k = capture(tiny_model, clean, site), capture(tiny_model, corrupted, site)
+        embeds = []
+        handle = tiny_model.embed.register_forward_hook(lambda m, a, out: embeds.append(1))
+        try:
+            reused = activation_patch(tiny_model, clean, corrupted, metric, LAYER, positions=[2], clean=c, corrupted=k)
+            attr = node_attributions(tiny_model, clean, corrupted, metric, LAYER, clean=c, corrupted=k)
+            assert not embeds  # neither ran the prefix again
+            fresh = activation_patch(tiny_model, clean, corrupted, metric, LAYER, positions=[2])
+            assert len(embeds) == 2
+        finally:
+            handle.remove()
+        torch.testing.assert_close(reused, fresh)
+        torch.testing.assert_close(attr.unit, attribution_patch(tiny_model, clean, corrupted, metric, LAYER))
+        with pytest.raises(ValueError, match="corrupted capture holds"):
+            activation_patch(tiny_model, clean, corrupted, metric, LAYER, clean=c, corrupted=capture(tiny_model, corrupted[:2], site))
+    with attach(tiny_model, {LAYER: make_mxd()}, use_error_term=False):
+        with pytest.raises(ValueError, match="node kinds"):
+            node_attributions(tiny_model, clean, corrupted, metric, LAYER, clean=c, corrupted=k)

@@ -85,3 +85,15 @@ def test_save_load_round_trip(trained, tmp_path):
 def test_config_refuses_mlp_in():
     with pytest.raises(ValueError, match="input_site='mlp_in'"):
         OutputSAEConfig(d_in=8, d_out=8, d_sae=16, k=2, input_site="mlp_in")
+
+
+def test_sae_lens_runner_refuses_a_post_mlp_norm_model():
+    """SAE-Lens's runner reads blocks.L.hook_mlp_out, which a post-MLP-norm model
+    normalises: an SAE trained there would be attached on the MLP's own output."""
+    from tests.training.helpers import tiny_model, tiny_tokens
+
+    cfg = SAETrainConfig(d_sae=16, k=2, training_tokens=64)
+    for overrides in (dict(normalization_type="RMS", use_normalization_before_and_after=True),
+                      dict(normalization_type="RMS", original_architecture="Olmo2ForCausalLM")):  # fmt: skip
+        with pytest.raises(ValueError, match="hook_mlp_out of this model is after .*mxd_lens.training.fit"):
+            train_sae_lens(tiny_model(**overrides), 1, tiny_tokens(4), cfg)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import torch
 
 from mxd_lens import MxD, MxDConfig, SkipTranscoder, TopKTranscoder, TranscoderConfig
+from mxd_lens.architectures.output_sae import OutputSAEConfig, OutputSiteSAE
 from mxd_lens.replacement import Replacement
 
 ARCHS = ("mxd", "topk_transcoder", "topk_skip_transcoder")
+"""The architectures that map the MLP input to its output."""
+OUTPUT_SAE = "mlp_out_topk_sae"
+"""A TopK SAE on the MLP output, loadable by SAE-Lens like the others."""
 
 
 def make_module(
@@ -38,6 +42,9 @@ def make_module(
         module = TopKTranscoder(TranscoderConfig(d_sae=21, **common))
     elif arch == "topk_skip_transcoder":
         module = SkipTranscoder(TranscoderConfig(d_sae=21, **common))
+    elif arch == "mlp_out_topk_sae":  # reads and reconstructs the MLP output: one hook
+        common.update(hook_name=common["hook_name_out"], input_site="mlp_out")
+        module = OutputSiteSAE(OutputSAEConfig(d_sae=21, **common))
     else:
         raise ValueError(arch)
     with torch.no_grad():

@@ -15,9 +15,12 @@ from sae_lens.registry import SAE_CLASS_REGISTRY
 from safetensors.torch import load_file, save_file
 
 import mxd_lens
-from mxd_lens import TopKTranscoder, TranscoderConfig, io, saelens
-from mxd_lens.saelens import CLASSES, MxDSAE, from_saelens, to_saelens
-from tests.sae_lens.helpers import ARCHS, make_module
+from mxd_lens import TopKTranscoder, io, registry, saelens
+from mxd_lens.architectures import register_with_saelens
+from mxd_lens.architectures import mxd as mxd_file
+from mxd_lens.architectures.transcoder import TopKTranscoderSAE, TopKTranscoderSAEConfig
+from mxd_lens.saelens import MxDSAE, from_saelens, to_saelens
+from tests.sae_lens.helpers import ARCHS, OUTPUT_SAE, make_module
 
 SAE_HOOKS = {
     "hook_sae_input",
@@ -33,7 +36,16 @@ def x_of(d: int = 16, seed: int = 3) -> torch.Tensor:
     return torch.randn(2, 5, d, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+def module_acts(module, x: torch.Tensor) -> torch.Tensor:
+    """The unit activations at the module's own activation hook for input x (through
+    `reconstruct`, which an SAE on the MLP output needs outside a model)."""
+    seen = []
+    with module.hooks(fwd_hooks=[(module.acts_hook_name, lambda acts, hook: seen.append(acts))]):
+        module.reconstruct(x)
+    return seen[0]
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, OUTPUT_SAE])
 def test_round_trip_through_mxd_lens_load(arch: str, tmp_path: Path) -> None:
     module = make_module(arch)
     folder = module.save(tmp_path / "m")
@@ -46,7 +58,7 @@ def test_round_trip_through_mxd_lens_load(arch: str, tmp_path: Path) -> None:
     assert torch.equal(back.reconstruct(x), module.reconstruct(x))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, OUTPUT_SAE])
 def test_round_trip_through_sae_load_from_disk(arch: str, tmp_path: Path) -> None:
     module = make_module(arch)
     folder = io.save(
@@ -55,7 +67,7 @@ def test_round_trip_through_sae_load_from_disk(arch: str, tmp_path: Path) -> Non
         metadata={"context_size": 128, "dataset_path": "janeaustenr", "neuronpedia_id": "x/y"},
     )
     sae = SAE.load_from_disk(folder)
-    assert type(sae) is CLASSES[arch][0] and sae.cfg.architecture() == arch
+    assert type(sae) is registry.get(arch).sae_classes[0] and sae.cfg.architecture() == arch
     assert SAE_HOOKS <= set(sae.hook_dict)
     meta = sae.cfg.metadata
     assert (meta.hook_name, meta.hook_name_out) == (module.cfg.hook_name, module.cfg.hook_name_out)
@@ -67,8 +79,7 @@ def test_round_trip_through_sae_load_from_disk(arch: str, tmp_path: Path) -> Non
     assert torch.equal(sae.decode(sae.encode(x)), module.reconstruct(x))
     # The expert coefficients / latents leave under SAE-Lens's hook name.
     _, sae_cache = sae.run_with_cache(x)
-    _, mod_cache = module.run_with_cache(x)
-    assert torch.equal(sae_cache["hook_sae_acts_post"], mod_cache[module.acts_hook_name])
+    assert torch.equal(sae_cache["hook_sae_acts_post"], module_acts(module, x))
     assert (sae_cache["hook_sae_acts_post"] > 0).sum(-1).max() <= module.cfg.k
     # ...and back: SAE-Lens's own save_model writes a folder mxd_lens reads.
     sae.save_model(tmp_path / "again")
@@ -78,10 +89,10 @@ def test_round_trip_through_sae_load_from_disk(arch: str, tmp_path: Path) -> Non
 
 
 def test_cfg_json_is_exactly_the_sae_lens_config_plus_our_version(tmp_path: Path) -> None:
-    for arch in ARCHS:
+    for arch in (*ARCHS, OUTPUT_SAE):
         module = make_module(arch)
         raw = json.loads((module.save(tmp_path / arch) / "cfg.json").read_text())
-        fields = {f.name for f in dataclasses.fields(CLASSES[arch][1])}
+        fields = {f.name for f in dataclasses.fields(registry.get(arch).sae_classes[1])}
         assert set(raw) - {"architecture", "mxd_lens_format"} == fields, arch
         assert raw["mxd_lens_format"] == io.FORMAT_VERSION and raw["d_sae"] == module.n_units
         assert set(io.METADATA_KEYS) <= set(raw["metadata"])
@@ -89,7 +100,7 @@ def test_cfg_json_is_exactly_the_sae_lens_config_plus_our_version(tmp_path: Path
 
 
 def test_conversions_keep_weights_and_outputs() -> None:
-    for arch in ARCHS:
+    for arch in (*ARCHS, OUTPUT_SAE):
         module = make_module(arch)
         sae = to_saelens(module, metadata={"context_size": 64})
         back = from_saelens(sae)
@@ -138,23 +149,31 @@ def test_load_casts_to_a_requested_dtype(tmp_path: Path) -> None:
 
 
 def test_registration_survives_a_second_import_and_a_reload() -> None:
-    saved = {a: SAE_CLASS_REGISTRY[a] for a in CLASSES}
-    namespace = dict(vars(saelens))
+    saved = {a: SAE_CLASS_REGISTRY[a] for a in ARCHS}
+    saelens_namespace = dict(vars(saelens))
+    mxd_namespace = dict(vars(mxd_file))
     try:
         importlib.import_module("mxd_lens")
         reloaded = importlib.reload(saelens)
-        # A reload re-registers the built-in architectures (plugins such as sae_site's
-        # stay registered under their first classes).
-        for arch in reloaded.CLASSES:
-            assert SAE_CLASS_REGISTRY[arch][0] is reloaded.CLASSES[arch][0]
-            assert SAE_CLASS_REGISTRY[arch][0] is not saved[arch][0]
+        # A reload of the interop module re-registers the built-in architectures: SAE-Lens
+        # serves exactly the classes the (reloaded) module exposes.
+        for arch in ARCHS:
+            assert SAE_CLASS_REGISTRY[arch] == registry.get(arch).sae_classes
+        assert SAE_CLASS_REGISTRY["mxd"][0] is reloaded.MxDSAE
+        # Reloading an architecture's own file (e.g. autoreload in a notebook) makes new
+        # classes; registering again replaces our earlier classes instead of refusing them.
+        importlib.reload(mxd_file)
+        reloaded.register()
+        assert SAE_CLASS_REGISTRY["mxd"][0] is mxd_file.MxDSAE
+        assert SAE_CLASS_REGISTRY["mxd"][0] is not saved["mxd"][0]
         reloaded.register()  # and once more by hand
     finally:
         # Put the first import's classes back, everywhere, for the rest of the session.
-        vars(saelens).clear()
-        vars(saelens).update(namespace)
+        for module, namespace in ((saelens, saelens_namespace), (mxd_file, mxd_namespace)):
+            vars(module).clear()
+            vars(module).update(namespace)
         SAE_CLASS_REGISTRY.update(saved)
-    assert saelens.MxDSAE is saved["mxd"][0]
+    assert saelens.MxDSAE is saved["mxd"][0] and registry.get("mxd").sae_classes == saved["mxd"]
 
 
 def test_a_foreign_class_under_our_name_is_refused() -> None:
@@ -292,15 +311,27 @@ def test_pickled_weights_are_refused_and_never_unpickled(saved: Path, tmp_path: 
 
 
 def test_another_architecture_can_join(tmp_path: Path) -> None:
-    """A TopKTranscoder subclass under its own name (as an SAE on the MLP output would be)."""
+    """A TopKTranscoder subclass under its own name (as an SAE on the MLP output would be),
+    with its SAE-Lens view made the way every architecture makes it (the mixin pattern)."""
 
     class ReadsOutput(TopKTranscoder):
         architecture = "test_reads_output"
 
-    io.ARCHITECTURES[ReadsOutput.architecture] = (ReadsOutput, TranscoderConfig)
+    @dataclasses.dataclass(kw_only=True)
+    class ReadsOutputSAEConfig(TopKTranscoderSAEConfig):
+        module_class = ReadsOutput
+
+    class ReadsOutputSAE(TopKTranscoderSAE):
+        """ReadsOutput as an SAE-Lens SAE."""
+
+    entry = registry.Architecture(
+        name=ReadsOutput.architecture, module=ReadsOutput, sae=ReadsOutputSAE, sae_config=ReadsOutputSAEConfig
+    )
+    stranger = type("Elsewhere", (TopKTranscoder,), {"architecture": "nowhere"})
     try:
-        saelens.register_module_class(ReadsOutput)
-        saelens.register_module_class(ReadsOutput)  # twice is fine
+        registry.register(entry)  # registers it with SAE-Lens too
+        assert SAE_CLASS_REGISTRY[entry.name] == (ReadsOutputSAE, ReadsOutputSAEConfig)
+        register_with_saelens([entry])  # twice is fine
         module = ReadsOutput(dataclasses.replace(make_module("topk_transcoder").cfg, input_site="mlp_out"))
         folder = module.save(tmp_path / "m")
         sae = SAE.load_from_disk(folder)
@@ -309,9 +340,17 @@ def test_another_architecture_can_join(tmp_path: Path) -> None:
         x = x_of()
         assert torch.equal(sae(x), module.reconstruct(x))
         assert type(mxd_lens.load(folder)) is ReadsOutput
-        with pytest.raises(ValueError, match="not in mxd_lens.io.ARCHITECTURES"):
-            saelens.register_module_class(type("Elsewhere", (TopKTranscoder,), {"architecture": "nowhere"}))
+        # An architecture mxd_lens does not know can neither join SAE-Lens nor be saved.
+        with pytest.raises(ValueError, match="'nowhere' is not in mxd_lens.registry"):
+            register_with_saelens(
+                [registry.Architecture(name="nowhere", module=stranger, sae=ReadsOutputSAE, sae_config=ReadsOutputSAEConfig)]
+            )
+        assert "nowhere" not in SAE_CLASS_REGISTRY
+        with pytest.raises(ValueError, match="register it with mxd_lens.registry.register first"):
+            stranger(module.cfg).save(tmp_path / "stranger")
     finally:
-        io.ARCHITECTURES.pop(ReadsOutput.architecture)
-        saelens.CLASSES.pop(ReadsOutput.architecture, None)
-        SAE_CLASS_REGISTRY.pop(ReadsOutput.architecture, None)
+        registry.unregister(entry.name)
+    # Unregistering takes it out of SAE-Lens's registry as well.
+    assert entry.name not in SAE_CLASS_REGISTRY and registry.find(entry.name) is None
+    with pytest.raises(ValueError, match="unknown architecture 'test_reads_output'"):
+        mxd_lens.load(folder)

@@ -13,7 +13,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 import mxd_lens
 from mxd_lens import attach
 from mxd_lens.saelens import add_sae, check_splice, hooked_sae_transformer, to_saelens
-from tests.sae_lens.helpers import ARCHS, make_module
+from tests.sae_lens.helpers import ARCHS, OUTPUT_SAE, make_module
 
 LAYER = 1
 
@@ -77,7 +77,7 @@ def compare(model, hsae, module, sae, tokens, use_error_term: bool, **fwd) -> No
 
 
 @pytest.mark.parametrize("use_error_term", [False, True])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, OUTPUT_SAE])
 def test_tiny_model_equals_attach(tiny, tiny_tokens, arch: str, use_error_term: bool, tmp_path: Path) -> None:
     model, hsae = tiny
     module = make_module(arch, d_model=16, layer=LAYER)
@@ -88,6 +88,26 @@ def test_tiny_model_equals_attach(tiny, tiny_tokens, arch: str, use_error_term: 
     )
     # Without the error term the splice really changes the logits; with it they stay (near) clean.
     assert torch.allclose(spliced, clean, atol=1e-4) == use_error_term
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_equals_attach(tiny_tokens, dtype: torch.dtype, tmp_path: Path) -> None:
+    """A half-precision model hands ln2.hook_normalized over in float32 (TransformerLens
+    upcasts its norms): the view must still return the model's dtype, as the attached module
+    does, or the rest of the forward pass runs in another precision."""
+    model = HookedTransformer(tiny_cfg(dtype=dtype)).eval()
+    hsae = hooked_sae_transformer(model)
+    name = str(dtype).removeprefix("torch.")
+    for arch in (*ARCHS, OUTPUT_SAE):
+        module = make_module(arch, d_model=16, layer=LAYER, dtype=name)
+        sae = loaded_sae(module, tmp_path / arch)
+        assert sae.dtype == dtype
+        for use_error_term in (False, True):
+            compare(model, hsae, module, sae, tiny_tokens, use_error_term)
+        _, cache = hsae.run_with_cache_with_saes(tiny_tokens, saes=[sae])
+        assert cache[f"blocks.{LAYER}.ln2.hook_normalized"].dtype == torch.float32  # the upcast
+        assert cache[f"blocks.{LAYER}.hook_mlp_out.hook_sae_output"].dtype == dtype
+        assert cache[f"blocks.{LAYER}.hook_resid_post"].dtype == dtype
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -145,7 +165,7 @@ def test_module_of_another_dtype_is_cast_explicitly(tiny, tiny_tokens, tmp_path:
     as_fp32 = mxd_lens.load(folder, dtype="float32")  # the explicit cast for attach
     with attach(model, {LAYER: as_fp32}):
         ref = model(tiny_tokens)
-    sae = SAE.load_from_disk(folder)  # computes in bfloat16, hands float32 back to the model
+    sae = SAE.load_from_disk(folder)  # computes in bfloat16; the float32 residual stream promotes its output
     assert sae.dtype == torch.bfloat16
     out = hsae.run_with_saes(tiny_tokens, saes=[sae])
     assert out.dtype == torch.float32
@@ -160,6 +180,29 @@ def test_post_mlp_norm_models_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="post-MLP norm"):
         add_sae(gemma_like, sae)
     assert not gemma_like.acts_to_saes
+
+
+def test_unfolded_norm_input_hooks_are_refused() -> None:
+    """With fold_ln=False, ln2.hook_normalized fires before ln2's weight: it is not the
+    MLP's input, so SAE-Lens would feed a transcoder or MxD the wrong activations."""
+    unfolded = hooked_sae_transformer(HookedTransformer(tiny_cfg(normalization_type="RMS")))
+    with torch.no_grad():  # a norm weight that is not all ones, so the difference is real
+        unfolded.blocks[LAYER].ln2.w.mul_(2.0)
+    sae = to_saelens(make_module("mxd", d_model=16, layer=LAYER))
+    with pytest.raises(ValueError, match="fires before ln2's weight .* fold_ln=False"):
+        add_sae(unfolded, sae)
+    assert not unfolded.acts_to_saes
+    with attach(unfolded, {LAYER: make_module("mxd", d_model=16, layer=LAYER)}):  # attach serves it
+        unfolded(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_attach_refuses_an_output_site_sae_after_a_post_mlp_norm() -> None:
+    gemma_like = HookedTransformer(tiny_cfg(normalization_type="RMS", use_normalization_before_and_after=True))
+    sae = make_module("mlp_out_topk_sae", d_model=16, layer=LAYER)
+    with pytest.raises(ValueError, match="normalises after its MLP .*ln2_post"):
+        with attach(gemma_like, {LAYER: sae}):
+            pass
+    assert not isinstance(gemma_like.blocks[LAYER].mlp, type(sae))
 
 
 def test_check_splice_names_what_does_not_fit(tiny) -> None:

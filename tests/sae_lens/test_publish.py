@@ -187,3 +187,18 @@ def test_from_pretrained_refuses_pickled_weights(run_dir: Path, tmp_path: Path, 
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         mxd_lens.load(snapshot / "mxd_k3")
     assert not marker.exists()
+
+
+def test_publish_out_keeps_other_files_and_a_failed_publish_changes_nothing(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    publish(run_dir, REPO, out=out)
+    first = {p.name for p in out.iterdir()}
+    assert "notes.txt" in first and "README.md" in first and (out / "notes.txt").read_text() == "mine"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    cfg = run_dir / "mxd_k3" / "cfg.json"
+    cfg.write_text(cfg.read_text().replace('"k": 3', '"k": 99'))
+    with pytest.raises(ValueError, match="k=99"):
+        publish(run_dir, REPO, out=out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

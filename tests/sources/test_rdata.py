@@ -1,4 +1,4 @@
-"""The R serialisation reader, on hand-built XDR bytes and on the real packages."""
+"""The lazy-load glue around `rdata`, on hand-built databases and on the real packages."""
 
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from mxd_lens.sources._rdata import LazyLoadDB, text_columns, unserialize
 from mxd_lens.sources.corpus import default_corpus_folder, prepare_default_corpus
-from mxd_lens.sources.rdata import LazyLoadDB, read_rds, text_columns, unserialize
 
 # -- a tiny R serialiser, written from the format description (serialize.c) ------
+# Independent of rdata, so the bytes the glue is tested on are not rdata's own.
 
 NILVALUE = struct.pack(">i", 254)
 UTF8_FLAGS = 9 | (1 << 3) << 12  # CHARSXP marked UTF-8
 ASCII_FLAGS = 9 | (1 << 6) << 12
+HAS_ATTR, IS_OBJECT = 1 << 9, 1 << 8  # R sets IS_OBJECT on anything with a class
 
 
 def xint(*values: int) -> bytes:
@@ -42,19 +44,21 @@ def charsxp(s: str | None) -> bytes:
     return xint(flags, len(raw)) + raw
 
 
-def strsxp(values: list[str | None], attrs: bytes = b"") -> bytes:
-    flags = 16 | ((1 << 9) if attrs else 0)
-    return xint(flags, len(values)) + b"".join(charsxp(v) for v in values) + attrs
+def vector(sexptype: int, body: bytes, n: int, attrs: bytes = b"", is_object: bool = False) -> bytes:
+    flags = sexptype | (HAS_ATTR if attrs else 0) | (IS_OBJECT if is_object else 0)
+    return xint(flags, n) + body + attrs
 
 
-def intsxp(values: list[int], attrs: bytes = b"") -> bytes:
-    flags = 13 | ((1 << 9) if attrs else 0)
-    return xint(flags, len(values)) + xint(*values) + attrs
+def strsxp(values: list[str | None], attrs: bytes = b"", is_object: bool = False) -> bytes:
+    return vector(16, b"".join(charsxp(v) for v in values), len(values), attrs, is_object)
 
 
-def vecsxp(items: list[bytes], attrs: bytes = b"") -> bytes:
-    flags = 19 | ((1 << 9) if attrs else 0)
-    return xint(flags, len(items)) + b"".join(items) + attrs
+def intsxp(values: list[int], attrs: bytes = b"", is_object: bool = False) -> bytes:
+    return vector(13, xint(*values), len(values), attrs, is_object)
+
+
+def vecsxp(items: list[bytes], attrs: bytes = b"", is_object: bool = False) -> bytes:
+    return vector(19, b"".join(items), len(items), attrs, is_object)
 
 
 def symbol(name: str, seen: dict[str, int]) -> bytes:
@@ -73,99 +77,22 @@ def attributes(pairs: list[tuple[str, bytes]], seen: dict[str, int]) -> bytes:
     return out + NILVALUE
 
 
-# -- unserialize ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("version", [2, 3])
-def test_character_vector_with_na_round_trips(version):
-    data = header(version) + strsxp(["Call me Ishmael.", None, "naïve café", ""])
-    obj = unserialize(data, "test.rds")
-    assert obj.type == "character"
-    assert obj.value == ["Call me Ishmael.", None, "naïve café", ""]
-
-
-def test_truncated_input_is_rejected_naming_the_source():
-    data = header() + strsxp(["a fairly long string", "another"])
-    with pytest.raises(ValueError, match=r"books\.rdb.*truncated"):
-        unserialize(data[:-5], "books.rdb")
-
-
-@pytest.mark.parametrize(
-    "data, problem",
-    [
-        (b"RDX2\n" + b"\0" * 20, "not R serialised data"),
-        (b"A\n1\n", "ASCII format is not supported"),
-        (header()[:2] + xint(7, 0, 0) + strsxp(["x"]), "version 7"),
-        (header() + xint(16, 3) + charsxp("a") + xint(13, 1, 5), "expected a string"),
-        (header() + xint(99), "unknown R object type 99"),
-        (header() + xint(9, -7), "negative string length"),
-    ],
-)
-def test_malformed_input_is_rejected(data, problem):
-    with pytest.raises(ValueError, match=problem):
-        unserialize(data, "bad.rds")
-
-
-def test_named_list_attributes_and_symbol_references():
-    seen: dict[str, int] = {}
-    inner = strsxp(["x", "y"], attributes([("names", strsxp(["first", "second"]))], seen))
-    names = attributes([("names", strsxp(["text", "n"]))], seen)  # "names" is now a reference
-    data = header() + vecsxp([inner, intsxp([1, -(2**31), 3])], names)
-    obj = unserialize(data)
-    assert obj.type == "list"
-    assert obj.names == ["text", "n"]
-    parts = obj.as_dict()
-    assert parts["text"].value == ["x", "y"]
-    assert parts["text"].names == ["first", "second"]
-    assert parts["n"].value == [1, None, 3]  # NA_integer_ -> None
-
-
-def test_data_frame_text_columns_including_factors():
-    seen: dict[str, int] = {}
-    factor = intsxp(
-        [2, 1, 2],
-        attributes([("levels", strsxp(["Emma", "Persuasion"])), ("class", strsxp(["factor"]))],
-                   seen),
-    )
-    frame_attrs = attributes(
-        [
-            ("names", strsxp(["text", "book", "line"])),
-            ("class", strsxp(["tbl_df", "tbl", "data.frame"])),
-            ("row.names", intsxp([-(2**31), -3])),  # R's compact row names c(NA, -3)
-        ],
-        seen,
-    )
-    frame = vecsxp([strsxp(["a", None, "c"]), factor, intsxp([1, 2, 3])], frame_attrs)
-    obj = unserialize(header() + frame)
-    assert obj.classes == ["tbl_df", "tbl", "data.frame"]
-    assert text_columns(obj) == {"text": ["a", None, "c"], "book": ["Persuasion", "Emma", "Persuasion"]}
-
-
-def test_compressed_rds_files(tmp_path):
-    payload = header() + strsxp(["one", "two"])
-    for name, blob in [("gz.rds", gzip.compress(payload)), ("xz.rds", lzma.compress(payload)),
-                       ("plain.rds", payload)]:
-        (tmp_path / name).write_bytes(blob)
-        assert read_rds(tmp_path / name).value == ["one", "two"]
-    (tmp_path / "junk.rds").write_bytes(b"\x00\x01junk")
-    with pytest.raises(ValueError, match=r"junk\.rds.*not an R data file"):
-        read_rds(tmp_path / "junk.rds")
-
-
-# -- lazy-load databases ------------------------------------------------------------
-
-
 def write_lazyload_db(folder: Path, objects: dict[str, bytes], type_byte: bytes | None = None):
     """Write Rdata.rdx/.rdb like R's makeLazyLoadDB (compress=TRUE, or a type byte)."""
+    compress = {None: zlib.compress, b"Z": zlib.compress, b"2": bz2.compress,
+                b"X": lzma.compress}.get(type_byte, lambda raw: raw)
     rdb = b""
     offsets: dict[str, tuple[int, int]] = {}
     for name, payload in objects.items():
-        compress = {None: zlib.compress, b"Z": zlib.compress, b"2": bz2.compress,
-                    b"X": lzma.compress}.get(type_byte, lambda raw: raw)
-        blob = (type_byte or b"") + compress(payload)
-        blob = struct.pack(">I", len(payload)) + blob
+        blob = struct.pack(">I", len(payload)) + (type_byte or b"") + compress(payload)
         offsets[name] = (len(rdb), len(blob))
         rdb += blob
+    (folder / "Rdata.rdb").write_bytes(rdb)
+    write_rdx(folder, offsets)
+
+
+def write_rdx(folder: Path, offsets: dict[str, tuple[int, int]]):
+    """The gzip-compressed index: list(variables = list(name = c(offset, length)), ...)."""
     seen: dict[str, int] = {}
     variables = vecsxp(
         [intsxp(list(pos)) for pos in offsets.values()],
@@ -175,8 +102,51 @@ def write_lazyload_db(folder: Path, objects: dict[str, bytes], type_byte: bytes 
         [variables, vecsxp([]), xint(10, 1, 1)],
         attributes([("names", strsxp(["variables", "references", "compressed"]))], seen),
     )
-    (folder / "Rdata.rdb").write_bytes(rdb)
     (folder / "Rdata.rdx").write_bytes(gzip.compress(header() + index))
+
+
+# -- objects ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_character_vector_with_na(version):
+    obj = unserialize(header(version) + strsxp(["Call me Ishmael.", None, "naïve café", ""]), "x.rds")
+    assert text_columns(obj) == {"": ["Call me Ishmael.", None, "naïve café", ""]}
+
+
+def test_non_r_data_is_rejected_naming_the_source():
+    with pytest.raises(ValueError, match=r"books\.rdb\[emma\].*not R serialised data.*b'PK"):
+        unserialize(b"PK\x03\x04 a zip file", "books.rdb[emma]")
+
+
+def test_text_columns_of_lists_and_data_frames():
+    seen: dict[str, int] = {}
+    named = vecsxp([strsxp(["x", "y"]), intsxp([1, 2])],
+                   attributes([("names", strsxp(["text", "n"]))], seen))
+    assert text_columns(unserialize(header() + named, "list")) == {"text": ["x", "y"]}
+
+    seen = {}
+    factor = intsxp(
+        [2, 1, 2],
+        attributes([("levels", strsxp(["Emma", "Persuasion"])), ("class", strsxp(["factor"]))], seen),
+        is_object=True,
+    )
+    frame_attrs = attributes(
+        [
+            ("names", strsxp(["text", "book", "line"])),
+            ("class", strsxp(["data.frame"])),
+            ("row.names", intsxp([-(2**31), -3])),  # R's compact row names c(NA, -3)
+        ],
+        seen,
+    )
+    frame = vecsxp([strsxp(["a", None, "c"]), factor, intsxp([1, 2, 3])], frame_attrs, is_object=True)
+    assert text_columns(unserialize(header() + frame, "frame")) == {
+        "text": ["a", None, "c"], "book": ["Persuasion", "Emma", "Persuasion"],
+    }
+    assert text_columns(unserialize(header() + intsxp([1, 2]), "ints")) == {}
+
+
+# -- lazy-load databases ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("type_byte", [None, b"Z", b"2", b"X", b"0"])
@@ -188,21 +158,29 @@ def test_lazyload_db_reads_each_object(tmp_path, type_byte):
     write_lazyload_db(tmp_path, objects, type_byte)
     db = LazyLoadDB(tmp_path / "Rdata.rdx")
     assert db.names() == ["emma", "mobydick"]
-    assert db.read("mobydick").value == ["Call me Ishmael."]
-    assert db.read("emma").value == ["EMMA", "", "CHAPTER I"]
-    with pytest.raises(KeyError, match="persuasion"):
+    assert text_columns(db.read("mobydick")) == {"": ["Call me Ishmael."]}
+    assert text_columns(db.read("emma")) == {"": ["EMMA", "", "CHAPTER I"]}
+    with pytest.raises(KeyError, match=r"no object 'persuasion'.*\['emma', 'mobydick'\]"):
         db.read("persuasion")
 
 
-def test_lazyload_db_rejects_unknown_compression_and_truncation(tmp_path):
+def test_damaged_databases_are_rejected(tmp_path):
     write_lazyload_db(tmp_path, {"emma": header() + strsxp(["EMMA"])}, type_byte=b"?")
-    with pytest.raises(ValueError, match=r"Rdata\.rdb\[emma\].*unsupported compression type"):
+    with pytest.raises(ValueError, match=r"Rdata\.rdb\[emma\].*unsupported compression type byte b'\?'"):
         LazyLoadDB(tmp_path / "Rdata").read("emma")
 
     write_lazyload_db(tmp_path, {"emma": header() + strsxp(["EMMA"] * 50)})
     rdb = tmp_path / "Rdata.rdb"
     rdb.write_bytes(rdb.read_bytes()[:-10])
-    with pytest.raises(ValueError, match=r"Rdata\.rdb.*truncated"):
+    with pytest.raises(ValueError, match=r"Rdata\.rdb: object 'emma' at offset 0 needs \d+ bytes.*only \d+.*truncated"):
+        LazyLoadDB(tmp_path / "Rdata").read("emma")
+
+    # A blob cut short inside a string, recompressed: rdata alone would return
+    # the shortened string, the length header gives it away.
+    payload = header() + strsxp(["a fairly long line of text"])
+    rdb.write_bytes(struct.pack(">I", len(payload)) + zlib.compress(payload[:-5]))
+    write_rdx(tmp_path, {"emma": (0, rdb.stat().st_size)})
+    with pytest.raises(ValueError, match=r"decompressed to \d+ bytes but its header says \d+"):
         LazyLoadDB(tmp_path / "Rdata").read("emma")
 
 
@@ -211,9 +189,18 @@ def test_lazyload_index_must_name_variables(tmp_path):
     (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(header() + strsxp(["not an index"])))
     with pytest.raises(ValueError, match=r"Rdata\.rdx.*'variables'"):
         LazyLoadDB(tmp_path / "Rdata")
+    (tmp_path / "Rdata.rdx").unlink()
+    with pytest.raises(ValueError, match=r"Rdata\.rdx: lazy-load database file not found"):
+        LazyLoadDB(tmp_path / "Rdata")
 
 
 # -- the real packages ----------------------------------------------------------------
+
+# Printed lines per book in janeaustenr 1.0.0 (one character-vector element each).
+AUSTEN_LINES = {
+    "emma": 16235, "mansfieldpark": 15349, "northangerabbey": 7856, "persuasion": 8328,
+    "prideprejudice": 13030, "sensesensibility": 12624,
+}
 
 
 def test_reader_on_the_real_debian_packages(tmp_path):
@@ -229,18 +216,19 @@ def test_reader_on_the_real_debian_packages(tmp_path):
     data = tmp_path / "usr/lib/R/site-library"
 
     austen = LazyLoadDB(data / "janeaustenr/data/Rdata")
-    assert sorted(austen.names()) == [
-        "emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice",
-        "sensesensibility",
+    assert sorted(austen.names()) == sorted(AUSTEN_LINES)
+    lines = {name: text_columns(austen.read(name))[""] for name in AUSTEN_LINES}
+    assert {name: len(book) for name, book in lines.items()} == AUSTEN_LINES
+    assert lines["emma"][:3] == ["EMMA", "", "By Jane Austen"]
+    assert lines["prideprejudice"][9:11] == [
+        "It is a truth universally acknowledged, that a single man in possession",
+        "of a good fortune, must be in want of a wife.",
     ]
-    persuasion = austen.read("persuasion")
-    assert persuasion.type == "character" and len(persuasion.value) > 8000  # one line each
     cached = (default_corpus_folder() / "persuasion.txt").read_text(encoding="utf-8")
-    assert "\n".join(persuasion.value) == cached
+    assert "\n".join(lines["persuasion"]) == cached
 
-    moby = LazyLoadDB(data / "tokenizers/data/Rdata").read("mobydick")
-    (text,) = moby.value  # the whole book in one string
-    assert "Call me Ishmael." in text
+    (text,) = text_columns(LazyLoadDB(data / "tokenizers/data/Rdata").read("mobydick"))[""]
+    assert "Call me Ishmael." in text  # the whole book in one string
     assert text.replace("\r\n", "\n").lstrip("\ufeff") == (
         default_corpus_folder() / "mobydick.txt"
     ).read_text(encoding="utf-8")

@@ -100,25 +100,52 @@ def test_buffer_bound_in_bytes():
     assert x.dtype == torch.bfloat16 and x.shape == (96, 32)
 
 
-def test_refuses_fold_ln_false_and_post_mlp_norm():
-    with pytest.raises(ValueError, match="fold_ln=False"):
-        ActivationSource(tiny_model(normalization_type="RMS"), [1], tiny_tokens(4))
-    with pytest.raises(ValueError, match="fold_ln=False"):
-        ActivationSource(tiny_model(normalization_type="LN"), [0], tiny_tokens(4))
-    with pytest.raises(ValueError, match="ln2_post"):
-        ActivationSource(tiny_model(use_normalization_before_and_after=True), [0], tiny_tokens(4))
+def test_refusals_name_the_reason():
+    """Every normalisation scheme is served (tests/training/test_sites.py); what is left
+    to refuse is a layer, model or token matrix that has nothing to collect."""
+    from mxd_lens import TopKTranscoder, TranscoderConfig, attach
+
     with pytest.raises(ValueError, match="layer=2 is out of range"):
         ActivationSource(tiny_model(), [2], tiny_tokens(4))
-
-
-def test_refuses_a_site_whose_hooks_are_not_the_mlp():
-    """The first-batch check catches a model where hook_mlp_out is edited after the MLP."""
+    with pytest.raises(ValueError, match="no MLP to replace"):
+        ActivationSource(tiny_model(attn_only=True), [0], tiny_tokens(4))
+    with pytest.raises(ValueError, match="layers is empty"):
+        ActivationSource(tiny_model(), [], tiny_tokens(4))
+    with pytest.raises(ValueError, match="integer token ids"):
+        ActivationSource(tiny_model(), [0], tiny_tokens(4).float())
+    with pytest.raises(ValueError, match=r"vocabulary is \[0, 61\)"):
+        ActivationSource(tiny_model(), [0], tiny_tokens(4) + 61)
     model = tiny_model()
+    with attach(model, {1: TopKTranscoder(TranscoderConfig(d_in=32, d_out=32, d_sae=8, k=2))}):
+        with pytest.raises(ValueError, match="replacement attached"):
+            ActivationSource(model, [1], tiny_tokens(4))
+
+
+def test_captures_the_mlp_itself_not_the_hooks_after_it():
+    """A hook that edits hook_mlp_out (after the MLP) does not change the pairs: they are
+    the module's own input and output, the thing `attach` replaces."""
+    model = tiny_model()
+    tokens = tiny_tokens(4)
+    plain = ActivationSource(model, [1], tokens, ActivationConfig(shuffle_rows=False)).chunk(0)[1]
     model.blocks[1].hook_mlp_out.add_perma_hook(lambda act, hook: act * 2)
     try:
+        edited = ActivationSource(model, [1], tokens, ActivationConfig(shuffle_rows=False)).chunk(0)[1]
+    finally:
+        model.reset_hooks(including_permanent=True)
+    assert torch.equal(plain[0], edited[0]) and torch.equal(plain[1], edited[1])
+
+
+def test_refuses_an_mlp_that_is_not_a_function_of_its_input():
+    """The first-batch check: blocks[L].mlp(captured input) must give the captured output,
+    else no replacement could stand in for the MLP (here: noise injected inside it)."""
+    model = tiny_model()
+    model.blocks[1].mlp.hook_post.add_perma_hook(lambda act, hook: act + torch.randn_like(act))
+    try:
         src = ActivationSource(model, [1], tiny_tokens(4))
-        with pytest.raises(ValueError, match="differs from blocks.1.hook_mlp_out"):
+        with pytest.raises(ValueError, match="differs from its captured output"):
             src.chunk(0)
+        unchecked = ActivationSource(model, [1], tiny_tokens(4), ActivationConfig(check_site=False))
+        unchecked.chunk(0)  # check_site=False skips the check
     finally:
         model.reset_hooks(including_permanent=True)
 

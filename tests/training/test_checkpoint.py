@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -86,3 +88,24 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
         assert sorted(p.name for p in tmp_path.iterdir()) == before
     latest = load_checkpoint(latest_checkpoint(tmp_path))
     assert latest.state["step"] == 14 and set(latest.modules) == {"mxd", "tc", "stc"}
+
+
+def test_trainer_json_is_strict_json_and_nan_comes_back(tmp_path):
+    """trainer.json never holds NaN (null instead, which a strict reader accepts); a
+    resumed run reads the null back as NaN."""
+    import json
+
+    from mxd_lens.training.checkpoint import TRAINER_FILE, nan_from_null, save_checkpoint
+
+    modules = {"tc": tiny_modules()["tc"]}
+    extra = {"tc": ckpt_mod.ModuleCheckpoint(optimizer={"state": {}, "param_groups": []}, tensors={})}
+    state = {"last": {"tc": {"step": 3, "loss": float("nan"), "nmse": 0.5}}}
+    path = save_checkpoint(tmp_path, 3, state, modules, extra)
+
+    def refuse(name):
+        raise AssertionError(f"trainer.json holds {name}")
+
+    text = (path / TRAINER_FILE).read_text()
+    assert json.loads(text, parse_constant=refuse)["last"]["tc"]["loss"] is None
+    back = nan_from_null(load_checkpoint(path).state["last"]["tc"])
+    assert math.isnan(back["loss"]) and back["nmse"] == 0.5 and back["step"] == 3
