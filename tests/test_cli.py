@@ -131,6 +131,8 @@ _FAST_COMMANDS = [
     ["frontier", "--ks", "1,x", "--out", "unused"],
     ["train", "--help"],
     ["eval", "--help"],
+    ["circuit", "--help"],
+    ["publish", "--help"],
 ]
 
 
@@ -151,15 +153,10 @@ def test_parse_only_paths_import_no_torch(argv):
 
 
 @pytest.mark.parametrize("argv", _FAST_COMMANDS[:4], ids=" ".join)
-def test_parse_only_paths_answer_within_1_5_s(argv):
-    import time
-
-    best = float("inf")
-    for _ in range(3):  # the best of three: other processes share these cores
-        t = time.perf_counter()
-        done = subprocess.run([*_console_script(), *argv], capture_output=True, text=True, timeout=60)
-        best = min(best, time.perf_counter() - t)
-    assert best < 1.5, f"`mxd-lens {' '.join(argv)}` took {best:.2f} s"
+def test_parse_only_paths_answer_through_the_console_script(argv):
+    """The installed `mxd-lens` itself (how fast: benchmarks/bench_startup.py; tests
+    assert what it imports, above, not how long it takes on a shared machine)."""
+    done = subprocess.run([*_console_script(), *argv], capture_output=True, text=True, timeout=60)
     if argv == ["--version"]:
         assert done.stdout.strip() == f"mxd-lens {__import__('mxd_lens').__version__}"
     if argv[-1] == "unused":
