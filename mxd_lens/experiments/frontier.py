@@ -18,7 +18,6 @@ results.json is written last, atomically: a folder without it holds no result.
 from __future__ import annotations
 
 import importlib.metadata
-import inspect
 import json
 import time
 from pathlib import Path
@@ -179,20 +178,29 @@ def check_model_name(model: str | None, model_name: str | None) -> None:
         )
 
 
-def load_run_model(model: str | None, model_name: str | None, device: str, dtype: str) -> HookedTransformer:
-    """`mxd_lens.sources.load_model` with the run's settings (`model_name` passed on only
-    when given)."""
+def load_run_model(
+    model: str | None, model_name: str | None, device: str, dtype: str, echo=print
+) -> HookedTransformer:
+    """`mxd_lens.sources.load_model` with the run's settings; `echo`es one line saying
+    which TransformerLens conversion and weight processing the model got."""
     from mxd_lens.sources import load_model
 
-    kwargs: dict[str, Any] = {}
-    if model_name is not None:
-        if "model_name" not in inspect.signature(load_model).parameters:
-            raise RuntimeError(
-                f"model_name={model_name!r} needs mxd_lens.sources.load_model(..., model_name=...), "
-                "which this installation's loader does not accept yet"
-            )
-        kwargs["model_name"] = model_name
-    return load_model(model, device=device, dtype=parse_dtype(dtype), **kwargs)
+    loaded = load_model(model, device=device, dtype=parse_dtype(dtype), model_name=model_name)
+    echo(describe_processing(loaded))
+    return loaded
+
+
+def describe_processing(model: HookedTransformer) -> str:
+    """'model X: <processing flags that are on>, built as <official TL name>' from
+    `model.mxd_lens_processing` (what `load_model` records)."""
+    record = getattr(model, "mxd_lens_processing", None) or {}
+    flags = [k for k in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases") if record.get(k)]
+    text = f"model {model.cfg.model_name}: {', '.join(flags) or 'no weight processing'}"
+    if record.get("config_from_folder"):
+        text += f" (TransformerLens's {record.get('architecture')} conversion, sizes from the folder's config.json)"
+    elif record.get("official_name"):
+        text += f" (TransformerLens conversion of {record['official_name']})"
+    return text
 
 
 def build_module(method: str, k: int, sizes: Sizes, layer: int, model_name: str | None, dtype: str, device: str) -> Replacement:
@@ -366,7 +374,7 @@ def run_frontier(
         stale = previous_module_folders(folder.out)
         t = time.perf_counter()
         if model is None:
-            model = load_run_model(cfg.model, cfg.model_name, cfg.device, cfg.dtype)
+            model = load_run_model(cfg.model, cfg.model_name, cfg.device, cfg.dtype, echo=echo)
         timings["load_model"] = time.perf_counter() - t
         check_layer(cfg.layer, model.cfg.n_layers)
         resolve_sizes(model, cfg)  # size errors before any data work
@@ -403,6 +411,8 @@ def run_frontier(
             "collect_autocast": str(resolve_autocast(cfg.trainer.activations.autocast, cfg.device)),
             "train_rows": list(train_rows.shape),
             "eval_rows": list(eval_rows.shape),
+            # which TransformerLens conversion and weight processing the model got (load_model)
+            "model_processing": getattr(model, "mxd_lens_processing", None),
         }
         results = RunResults(
             model=model.cfg.model_name,
@@ -442,6 +452,7 @@ __all__ = [
     "build_module",
     "check_sizes",
     "demo_config",
+    "describe_processing",
     "load_run_model",
     "model_shape",
     "module_folders",

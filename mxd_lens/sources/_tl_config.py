@@ -93,6 +93,9 @@ class TLMatch:
         overrides: TL config fields taken from the folder instead (empty when
             TL's config already has the folder's sizes).
         score: how many :data:`SIZE_FIELDS` TL's config shared with the folder.
+        name_is_route: True when every candidate of the architecture gave the same
+            config (TL builds it from the folder's config.json, e.g. Llama, Qwen2): the
+            name then only routes the conversion and says nothing about the model.
     """
 
     official_name: str
@@ -100,6 +103,7 @@ class TLMatch:
     cfg_dict: dict[str, Any]
     overrides: dict[str, Any]
     score: int
+    name_is_route: bool = False
 
 
 # -- reading Hugging Face configs ------------------------------------------------
@@ -379,12 +383,14 @@ def match_official_name(
             f"any of the official names of that architecture ({tried})"
         )
     (score, _, _), official, cfg_dict = max(scored, key=lambda item: item[0])
+    tied = [c for (sc, _, _), _, c in scored if sc == score]
+    name_is_route = len(tied) > 1 and len({json.dumps(tl_sizes(c), sort_keys=True, default=str) for c in tied}) == 1
     sizes = tl_sizes(cfg_dict)
     same_model = all(sizes[f] == folder_size[f] for f in ("n_layers", "d_model"))
     overrides = {} if same_model else folder_overrides(
         cfg_dict, text_config(hf_config), source=f"{folder}/config.json"
     )
-    return TLMatch(official, architecture, cfg_dict, overrides, score)
+    return TLMatch(official, architecture, cfg_dict, overrides, score, name_is_route)
 
 
 def folder_overrides(

@@ -370,6 +370,8 @@ def _load_local_folder(
     model.mxd_lens_processing = {
         **processing,
         "official_name": match.official_name,
+        "architecture": match.architecture,
+        "config_from_folder": match.name_is_route or bool(match.overrides),
         "overrides": overridden,
         "source": str(folder.resolve()),
     }
@@ -424,6 +426,9 @@ def load_model(
         {"fold_ln": bool, "center_writing_weights": bool, "center_unembed": bool,
          "fold_value_biases": bool,
          "official_name": str,   # the TransformerLens name whose conversion was used
+         "architecture": str,    # the Hugging Face architecture class
+         "config_from_folder": bool,  # sizes from the folder's config.json (the name
+                                 # then only routes TL's conversion of the architecture)
          "overrides": [str],     # TL config fields taken from the folder's config.json
          "source": str}          # the folder (resolved), or the hub name
 
@@ -501,6 +506,8 @@ def load_model(
     model.mxd_lens_processing = {
         **_tl_config.processing_flags(vars(model.cfg), fold_ln),
         "official_name": official,
+        "architecture": model.cfg.original_architecture,
+        "config_from_folder": False,
         "overrides": [],
         "source": name,
     }

@@ -206,6 +206,8 @@ def test_local_folder_gives_hugging_face_logits(tiny_folder, arch, cls_name, off
     # Llama and Qwen2 configs TL builds from config.json itself; Gemma and OLMo
     # have built-in per-name configs, so their sizes come from the folder.
     assert bool(record["overrides"]) == from_folder
+    assert record["architecture"] == cls_name
+    assert record["config_from_folder"]  # either way the sizes are the folder's, not the name's
     if from_folder:
         assert {"n_layers", "d_model", "d_mlp"} <= set(record["overrides"])
     _assert_same_logits(model, folder)
@@ -299,6 +301,8 @@ def test_default_model_records_its_processing(default_model):
     assert record["fold_ln"] and record["center_unembed"] and record["fold_value_biases"]
     assert record["center_writing_weights"] is False  # RMSNorm: TransformerLens does not centre
     assert record["overrides"] == [] and record["source"] == str(default_model_folder().resolve())
+    # every Llama name converts config.json itself: the name is only a route, and says so
+    assert record["architecture"] == "LlamaForCausalLM" and record["config_from_folder"] is True
 
 
 def test_config_without_architectures_uses_its_model_type(tiny_folder, tmp_path):
