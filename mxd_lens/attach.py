@@ -62,6 +62,7 @@ def check_attachable(model: object, replacements: Mapping[int, Replacement]) -> 
                 f"layer {layer}: the {type(module).__name__} maps d_in={cfg.d_in} -> d_out={cfg.d_out}, "
                 f"but the model's MLP maps d_model={d_model} -> {d_model}"
             )
+        module.check_model(model, layer)
         if module.dtype != dtype or module.device != device:
             raise ValueError(
                 f"layer {layer}: the {type(module).__name__} is {module.dtype} on {module.device} but the "

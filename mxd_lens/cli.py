@@ -114,6 +114,8 @@ class Flag:
 FLAGS: tuple[Flag, ...] = (
     Flag("--model", "model", "model and data"),
     Flag("--model-name", "model_name", "model and data"),
+    Flag("--no-fold-ln", "fold_ln", "model and data",
+         help="Load the model with fold_ln=False (norm weights kept; modules still read the MLP's own input)."),
     Flag("--layer", "layer", "model and data"),
     Flag("--dataset", "dataset", "model and data"),
     Flag("--eval-dataset", "eval_dataset", "model and data"),
@@ -152,6 +154,8 @@ FLAGS: tuple[Flag, ...] = (
 EVAL_FLAGS: tuple[Flag, ...] = (
     Flag("--model", "model", "model and data"),
     Flag("--model-name", "model_name", "model and data"),
+    Flag("--no-fold-ln", "fold_ln", "model and data",
+         help="Load the model with fold_ln=False (norm weights kept; modules still read the MLP's own input)."),
     Flag("--layer", "layer", "model and data"),
     Flag("--eval-dataset", "eval_dataset", "model and data"),
     Flag("--eval-tokens", "eval_tokens", "model and data"),
@@ -298,7 +302,7 @@ def _cmd_train(args: argparse.Namespace, base: FrontierConfig) -> int:
     folder.check()
     docs = fr.load_docs(cfg)  # data errors before the model loads
     with folder:
-        model = fr.load_run_model(cfg.model, cfg.model_name, cfg.device, cfg.dtype)
+        model = fr.load_run_model(cfg.model, cfg.model_name, cfg.device, cfg.dtype, fold_ln=cfg.fold_ln)
         for layer in layers:
             check_layer(layer, model.cfg.n_layers)
         train_rows, eval_rows = fr.tokenize_docs(cfg, model.tokenizer, *docs)
@@ -344,7 +348,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if "n_layers" in shape:
             check_layer(layer, shape["n_layers"])
     docs = load_default_corpus("heldout") if cfg.eval_dataset is None else load_texts(cfg.eval_dataset)
-    model = load_run_model(cfg.model, cfg.model_name, "cpu", "float32")
+    model = load_run_model(cfg.model, cfg.model_name, "cpu", "float32", fold_ln=cfg.fold_ln)
     dtype = next(model.parameters()).dtype
     modules = {}
     for name, (layer, module) in loaded.items():

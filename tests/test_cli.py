@@ -267,3 +267,32 @@ def test_train_at_two_layers_on_the_real_model(tmp_path, finished_run, capsys):
     assert not (finished_run / "results.json").exists()
     assert (finished_run / "notes.log").read_text() == "the user's own log\n"
     assert not [p for p in finished_run.iterdir() if p.name.startswith(".")]
+
+
+# --- a post-MLP-norm model from a local Hugging Face folder, end to end ------------------------
+def test_frontier_on_a_local_post_norm_folder(tmp_path, capsys):
+    """A tiny random Gemma 3 folder (normalisation after the MLP: ln2_post) through the
+    whole command: load_model's conversion, module-hook training, evaluation, results."""
+    from tests.sources.test_model import _save_tiny_model
+
+    folder = _save_tiny_model(tmp_path / "gemma3", "gemma3")
+    text = tmp_path / "texts"  # a folder of .txt files: one document each
+    text.mkdir()
+    for i in range(12):
+        (text / f"{i:02d}.txt").write_text(" ".join(f"w{(7 * i + j * j) % 90 + 3}" for j in range(300)))
+    out = tmp_path / "run"
+    status = main([
+        "frontier", "--model", str(folder), "--layer", "1", "--ks", "4", "--width", "512",
+        "--dataset", str(text), "--context", "16", "--collect-tokens", "1024", "--eval-tokens", "256",
+        "--train-tokens", "2048", "--batch-size", "128", "--warmup-steps", "2", "--no-progress", "--out", str(out),
+    ])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    assert "Gemma3ForCausalLM conversion" in captured.out  # says which conversion it applied
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["resolved"]["model_processing"]["architecture"] == "Gemma3ForCausalLM"
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == {"mxd", "transcoder", "skip_transcoder"}
+    for method, row in rows.items():
+        assert 0 < row["nmse"] < 1.0, (method, row["nmse"])  # trained: better than predicting the mean
+        assert (out / f"{method}_k4" / "cfg.json").is_file()

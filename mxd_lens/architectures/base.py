@@ -19,6 +19,7 @@ architecture's own file branches on which architecture it is.
 | `extra_nodes` | node kind -> hook of graph nodes besides units and error (an MxD's dense branch) |
 | `unit_contribution(x, unit, value)` | what one unit adds to the output |
 | `metrics()` | the architecture's own evaluation figures (an MxD's expert collapse check) |
+| `check_model(model, layer)` | refusals only the architecture can justify (an SAE-Lens SAE trained at a hook that is not the MLP's input in this model) |
 
 `encode` / `decode` / `reconstruct` are assembled here once, from those pieces, for the
 TransformerLens-side module and (through `encode_units` / `decode_units`) for its
@@ -343,6 +344,11 @@ class Replacement(UnitMath, HookedRootModule):
     def metrics(self) -> dict[str, float]:
         """The architecture's own evaluation figures (name -> value)."""
         return {}
+
+    def check_model(self, model: Any, layer: int) -> None:
+        """Raise ValueError when this module cannot stand in for `model.blocks[layer].mlp`
+        for a reason only the architecture knows (`attach` calls it before any change;
+        sizes, dtypes and sites are checked there for every module)."""
 
     @classmethod
     def build(cls, sizes: "Sizes", k: int, **common: Any) -> "Replacement":

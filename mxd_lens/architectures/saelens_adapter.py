@@ -388,6 +388,20 @@ class SAELensModule(Replacement):
                 outs.append(self.sae.decode(acts))
         return outs[0] - outs[1]
 
+    def check_model(self, model: Any, layer: int) -> None:
+        """An SAE-Lens transcoder learnt from the named hook `blocks.L.ln2.hook_normalized`;
+        in a model loaded with fold_ln=False that hook fires before ln2's weight, so it is
+        not the MLP input that attach() feeds the module: refused rather than fed the wrong
+        activations. (mxd_lens's own modules read the MLP's input itself and serve any model.)"""
+        hook = self.cfg.hook_name or ""
+        norm = getattr(model.cfg, "normalization_type", None)
+        if MLP_IN_HOOK.match(hook) and norm in ("LN", "RMS"):
+            raise ValueError(
+                f"layer {layer}: this SAE-Lens {self.cfg.saelens_architecture} was trained on {hook}, which in "
+                f"this model (loaded with fold_ln=False, normalization_type={norm!r}) fires before ln2's "
+                "weight and is not the MLP's input; load the model with fold_ln=True (as SAE-Lens does)"
+            )
+
     def metrics(self) -> dict[str, float]:
         return {}
 

@@ -34,6 +34,9 @@ class FrontierConfig(JsonConfig):
     """For a local model folder: the official TransformerLens name (or alias) to build it
     as, instead of the one matched from its config.json (it must have the folder's
     architecture); None: the matched one."""
+    fold_ln: bool = True
+    """Fold each norm's weights into the next layer when loading the model (TransformerLens's
+    fold_ln). Either way modules read the MLP's own input and output (module hooks)."""
     layer: int = 12
     """Block whose MLP is replaced."""
     dataset: str | None = None
@@ -140,6 +143,9 @@ class EvalConfig(JsonConfig):
     """For a local model folder: the official TransformerLens name (or alias) to build it
     as, instead of the one matched from its config.json (it must have the folder's
     architecture); None: the matched one."""
+    fold_ln: bool = True
+    """Fold each norm's weights into the next layer when loading the model (TransformerLens's
+    fold_ln). Either way modules read the MLP's own input and output (module hooks)."""
     layer: int | None = None
     """Layer every module replaces; None: each module's own cfg.layer."""
     eval_dataset: str | None = None

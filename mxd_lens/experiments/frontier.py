@@ -179,13 +179,13 @@ def check_model_name(model: str | None, model_name: str | None) -> None:
 
 
 def load_run_model(
-    model: str | None, model_name: str | None, device: str, dtype: str, echo=print
+    model: str | None, model_name: str | None, device: str, dtype: str, echo=print, fold_ln: bool = True
 ) -> HookedTransformer:
     """`mxd_lens.sources.load_model` with the run's settings; `echo`es one line saying
     which TransformerLens conversion and weight processing the model got."""
     from mxd_lens.sources import load_model
 
-    loaded = load_model(model, device=device, dtype=parse_dtype(dtype), model_name=model_name)
+    loaded = load_model(model, device=device, dtype=parse_dtype(dtype), model_name=model_name, fold_ln=fold_ln)
     echo(describe_processing(loaded))
     return loaded
 
@@ -374,7 +374,7 @@ def run_frontier(
         stale = previous_module_folders(folder.out)
         t = time.perf_counter()
         if model is None:
-            model = load_run_model(cfg.model, cfg.model_name, cfg.device, cfg.dtype, echo=echo)
+            model = load_run_model(cfg.model, cfg.model_name, cfg.device, cfg.dtype, echo=echo, fold_ln=cfg.fold_ln)
         timings["load_model"] = time.perf_counter() - t
         check_layer(cfg.layer, model.cfg.n_layers)
         resolve_sizes(model, cfg)  # size errors before any data work

@@ -16,6 +16,8 @@ from sae_lens.saes.transcoder import (
     JumpReLUTranscoderConfig,
     SkipTranscoder,
     SkipTranscoderConfig,
+    Transcoder,
+    TranscoderConfig,
 )
 from torch import nn
 from torch.testing import assert_close
@@ -355,3 +357,26 @@ def test_a_forward_of_its_own_is_refused():
     sae = TemporalSAE(TemporalSAEConfig(d_in=16, d_sae=32, n_heads=2, bottleneck_factor=4, metadata=meta(MLP_OUT)))
     with pytest.raises(ValueError, match="TemporalSAE.*defines its own forward"):
         as_module(sae)
+
+
+def test_a_transcoder_from_ln2_is_refused_on_an_unfolded_model():
+    """With fold_ln=False, blocks.L.ln2.hook_normalized fires before ln2's weight: an
+    SAE-Lens transcoder trained there would be fed the (weighted) MLP input instead."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    def tiny(norm: str) -> HookedTransformer:
+        return HookedTransformer(HookedTransformerConfig(
+            n_layers=2, d_model=16, n_ctx=8, d_head=4, n_heads=4, d_mlp=32, d_vocab=40, act_fn="silu",
+            normalization_type=norm, gated_mlp=True,
+        ))
+
+    tc = Transcoder(TranscoderConfig(
+        d_in=16, d_sae=24, d_out=16, apply_b_dec_to_input=False,
+        metadata=meta("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"),
+    ))
+    with pytest.raises(ValueError, match=r"fires before ln2's weight .*fold_ln=True"):
+        with attach(tiny("RMS"), {1: tc}):
+            pass
+    folded = tiny("RMSPre")  # what fold_ln=True gives: the hook is the MLP input there
+    with attach(folded, {1: tc}):
+        folded(torch.zeros(1, 4, dtype=torch.long))
