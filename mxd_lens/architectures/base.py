@@ -596,12 +596,9 @@ class ReplacementSAE(UnitMath, SAE):
                 f"{x.shape[-1]} (shape {tuple(x.shape)})"
             )
         enc = encode_units(self, self.process_sae_in(x), self.hook_sae_acts_pre, self.hook_sae_acts_post, through)
-        if enc.acts is None:  # unhooked: still hand SAE-Lens dense activations
-            enc_acts = enc.dense(self.n_units)
-        else:
-            enc_acts = enc.acts
-        self._encoded = (enc_acts, enc)
-        return enc_acts
+        acts = enc.dense(self.n_units)  # SAE-Lens's API hands out dense activations
+        self._encoded = (acts, enc)
+        return acts
 
     def decode(self, feature_acts: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_out"]:
         """The module's output for these activations and the input last given to encode."""
