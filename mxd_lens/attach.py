@@ -86,8 +86,8 @@ def attach(
     The original MLPs and hook names come back on exit, also when the body raises.
     A SAE-Lens SAE or transcoder is spliced as `saelens_adapter.as_module` serves it.
     """
+    replacements = as_modules(replacements)  # once: our SAE-Lens views are copied, not twice
     check_attachable(model, replacements)
-    replacements = as_modules(replacements)
     originals: dict[int, torch.nn.Module] = {}
     try:
         for layer, module in replacements.items():
