@@ -111,11 +111,16 @@ class Flag:
     metavar: str | None = None
 
 
-FLAGS: tuple[Flag, ...] = (
+MODEL_FLAGS: tuple[Flag, ...] = (
     Flag("--model", "model", "model and data"),
     Flag("--model-name", "model_name", "model and data"),
     Flag("--no-fold-ln", "fold_ln", "model and data",
          help="Load the model with fold_ln=False (norm weights kept; modules still read the MLP's own input)."),
+)
+"""The flags of `ModelChoice`, shared by every command that loads a model."""
+
+FLAGS: tuple[Flag, ...] = (
+    *MODEL_FLAGS,
     Flag("--layer", "layer", "model and data"),
     Flag("--dataset", "dataset", "model and data"),
     Flag("--eval-dataset", "eval_dataset", "model and data"),
@@ -152,10 +157,7 @@ FLAGS: tuple[Flag, ...] = (
 """The flags of demo, frontier and train (FrontierConfig and its TrainerConfig)."""
 
 EVAL_FLAGS: tuple[Flag, ...] = (
-    Flag("--model", "model", "model and data"),
-    Flag("--model-name", "model_name", "model and data"),
-    Flag("--no-fold-ln", "fold_ln", "model and data",
-         help="Load the model with fold_ln=False (norm weights kept; modules still read the MLP's own input)."),
+    *MODEL_FLAGS,
     Flag("--layer", "layer", "model and data"),
     Flag("--eval-dataset", "eval_dataset", "model and data"),
     Flag("--eval-tokens", "eval_tokens", "model and data"),

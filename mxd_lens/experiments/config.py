@@ -24,8 +24,8 @@ def check_layer_index(layer: object, name: str = "layer") -> int:
 
 
 @dataclass(kw_only=True)
-class FrontierConfig(JsonConfig):
-    """One frontier run: which model, data, methods, sizes and budget."""
+class ModelChoice(JsonConfig):
+    """Which language model a command loads, and how (`mxd_lens.sources.load_model`)."""
 
     model: str | None = None
     """Language model: None for the embedded default (SmolLM2-135M-Instruct), a local
@@ -37,6 +37,12 @@ class FrontierConfig(JsonConfig):
     fold_ln: bool = True
     """Fold each norm's weights into the next layer when loading the model (TransformerLens's
     fold_ln). Either way modules read the MLP's own input and output (module hooks)."""
+
+
+@dataclass(kw_only=True)
+class FrontierConfig(ModelChoice):
+    """One frontier run: which model, data, methods, sizes and budget."""
+
     layer: int = 12
     """Block whose MLP is replaced."""
     dataset: str | None = None
@@ -131,21 +137,11 @@ def demo_config() -> FrontierConfig:
 
 
 @dataclass(kw_only=True)
-class EvalConfig(JsonConfig):
+class EvalConfig(ModelChoice):
     """`mxd-lens eval`: saved modules on held-out text."""
 
     modules: list[str] = field(default_factory=list)
     """Module folders (written by `mxd-lens train`, `frontier` or `module.save`)."""
-    model: str | None = None
-    """Language model: None for the embedded default (SmolLM2-135M-Instruct), a local
-    Hugging Face folder, or a TransformerLens model name."""
-    model_name: str | None = None
-    """For a local model folder: the official TransformerLens name (or alias) to build it
-    as, instead of the one matched from its config.json (it must have the folder's
-    architecture); None: the matched one."""
-    fold_ln: bool = True
-    """Fold each norm's weights into the next layer when loading the model (TransformerLens's
-    fold_ln). Either way modules read the MLP's own input and output (module hooks)."""
     layer: int | None = None
     """Layer every module replaces; None: each module's own cfg.layer."""
     eval_dataset: str | None = None
@@ -171,4 +167,4 @@ class EvalConfig(JsonConfig):
             raise ValueError(f"eval_tokens={self.eval_tokens} is less than one row of context={self.context}")
 
 
-__all__ = ["EvalConfig", "FrontierConfig", "check_layer_index", "demo_config"]
+__all__ = ["EvalConfig", "FrontierConfig", "ModelChoice", "check_layer_index", "demo_config"]
