@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -161,6 +161,30 @@ def batches(tokens: Tensor, batch_size: int, progress: bool, desc: str) -> Itera
         bar.close()
 
 
+def special_token_ids(model: HookedTransformer) -> list[int]:
+    """Token ids that mark structure rather than text: the tokenizer's special tokens
+    (BOS/EOS/pad and the separator that starts each row; for the default model 0, 1, 2).
+
+    Positions holding them are where attention sinks put massive MLP activations, so
+    training and evaluation exclude them by default (see `special_positions`)."""
+    tok = model.tokenizer
+    if tok is None:
+        return []
+    ids = set(getattr(tok, "all_special_ids", None) or [])
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tok, name, None)
+        if value is not None:
+            ids.add(int(value))
+    return sorted(i for i in ids if 0 <= i < model.cfg.d_vocab)
+
+
+def special_positions(tokens: Int[Tensor, "rows ctx"], ids: list[int] | tuple[int, ...]) -> Bool[Tensor, "rows ctx"]:
+    """True where `tokens` holds one of `ids` (the one definition of an excluded position)."""
+    if not ids:
+        return torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
+    return torch.isin(tokens, torch.tensor(list(ids), dtype=tokens.dtype, device=tokens.device))
+
+
 __all__ = [
     "Prefix",
     "batches",
@@ -170,4 +194,6 @@ __all__ = [
     "model_dtype",
     "post_mlp_norm",
     "run_prefix",
+    "special_positions",
+    "special_token_ids",
 ]

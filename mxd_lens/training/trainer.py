@@ -17,7 +17,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from jaxtyping import Float, Int
@@ -202,6 +202,7 @@ def fit(
     cfg: TrainerConfig | None = None,
     *,
     eval_tokens: Int[Tensor, "rows ctx"] | None = None,
+    on_step: Callable[[int, Mapping[str, Replacement]], None] | None = None,
 ) -> dict[str, TrainSummary]:
     """Train `modules` (name -> (layer, module)) in place on one activation stream.
 
@@ -210,7 +211,9 @@ def fit(
     norm (parallel gradient removed before the step, renormalised after). With
     `cfg.checkpoint_every` checkpoints are written, and `cfg.resume` continues from the
     latest one exactly. `eval_tokens` (held-out rows) give a held-out NMSE every
-    `cfg.eval_every` steps and at the end.
+    `cfg.eval_every` steps and at the end. `on_step(steps_done, {name: module})` runs
+    after every optimizer step (learning curves use it); it must leave the modules as it
+    found them (train mode, parameters untouched).
     """
     cfg = cfg or TrainerConfig()
     if not modules:
@@ -284,6 +287,8 @@ def fit(
                 run.seconds += time.perf_counter() - t1
             step += 1
             bar.update(1)
+            if on_step is not None:
+                on_step(step, {name: run.module for name, run in runs.items()})
             if step % cfg.log_every == 0 or step == total:
                 _log(runs, step, cfg, bar, wandb_run)
             if eval_pairs is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
