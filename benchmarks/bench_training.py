@@ -1,9 +1,9 @@
 """Training throughput per method (float32 and bfloat16 autocast) and peak memory of a run.
 
-1. Steps of `mxd_lens.training.trainer._train_step` (forward, loss, AuxK, backward, AdamW,
-   MxD row handling; exactly what `fit` runs per module) at the default model's sizes:
-   d = 576, MxD H = 1536 gated with the parameter-matched number of experts, transcoder
-   width 16 * 576, on random activations. Printed: tokens/s, and that rate as a fraction
+1. Steps of `fit` (forward, loss, AuxK, backward, AdamW, MxD row handling) for one module
+   at a time at the default model's sizes: d = 576, MxD H = 1536 gated with the
+   parameter-matched number of experts, transcoder width 16 * 576, on layer-12 activations
+   of the default model (collection time excluded; bench_limits.train_rate). Printed: tokens/s, and that rate as a fraction
    of the FLOP limit, i.e. (FLOP per token / measured plain-matmul FLOP/s).
    FLOP per token, counting multiply-adds x 2 and the sparse backward `fit` uses:
      MxD         gate fwd 2IN + dense fwd 2(2IH + HO) + dense weight grads 2(2IH + HO) + dz 2HO
@@ -33,7 +33,6 @@ import torch  # noqa: E402
 
 from mxd_lens import MxD, MxDConfig, SkipTranscoder, TopKTranscoder, TranscoderConfig, match_n_experts  # noqa: E402
 from mxd_lens.training import TrainerConfig  # noqa: E402
-from mxd_lens.training.trainer import _make_optimizer, _ModuleRun, _train_step  # noqa: E402
 
 D, H, W = 576, 1536, 16 * 576
 
@@ -64,19 +63,27 @@ def matmul_rate(dtype: torch.dtype) -> float:
 
 
 def step_rate(method: str, k: int, batch: int, steps: int, autocast: str | None) -> float:
-    torch.manual_seed(0)
-    module = build(method, k)
-    cfg = TrainerConfig(batch_size=batch, autocast=autocast, dead_tokens=4 * batch)
-    run = _ModuleRun(method, 0, module, _make_optimizer(module, cfg), torch.zeros(module.n_units, dtype=torch.long),
-                     torch.zeros(D, dtype=torch.float64), torch.zeros((), dtype=torch.float64))
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    x, y = torch.randn(batch, D), torch.randn(batch, D)
-    for i in range(5):  # past warm-up, and long enough for some units to count as dead (AuxK runs)
-        _train_step(run, x, y, 1e-3, i + 1, cfg, ctx, D // 2)
-    start = time.perf_counter()
-    for i in range(steps):
-        _train_step(run, x, y, 1e-3, i + 10, cfg, ctx, D // 2)
-    return steps * batch / (time.perf_counter() - start)
+    """Training tokens/s of `fit` (the real trainer) for one module at layer 12 of the
+    default model, the collection time excluded (benchmarks/bench_limits.py's measure)."""
+    import argparse as _argparse
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_limits
+    from mxd_lens.sources import load_default_model
+
+    global _MODEL
+    if _MODEL is None:
+        _MODEL = load_default_model()
+    rows = torch.randint(1, 49152, (max(2, 2 * batch // 128), 128), generator=torch.Generator().manual_seed(0))
+    rows[:, 0] = 0
+    args = _argparse.Namespace(k=k, batch=batch, train_tokens=batch * steps, batch_rows=16)
+    return bench_limits.train_rate(_MODEL, bench_limits.SIZES["smollm"], method, rows, args, autocast,
+                                   torch.device("cpu"))
+
+
+_MODEL = None
 
 
 def peak_rss_mb() -> float:

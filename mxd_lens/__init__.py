@@ -14,6 +14,8 @@ the moment it is (see `mxd_lens._saelens_hook`), so `SAE.load_from_disk` works a
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 from mxd_lens._saelens_hook import install as _install_saelens_hook
@@ -55,6 +57,22 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """`mxd_lens.attach` is both an exported function and the submodule that defines it.
+    Importing the submodule binds it on the package (Python's import system does), which
+    would make `mxd_lens.attach(...)` and `from mxd_lens import attach` the module once
+    anything imported `mxd_lens.attach` first; the exported name keeps the function (the
+    submodule stays importable as `mxd_lens.attach` through sys.modules)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__ and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 _install_saelens_hook()

@@ -4,6 +4,7 @@
     mxd-lens frontier --ks 16,32,64 --out DIR
     mxd-lens train --methods mxd --ks 32 --layers 6,12 --out DIR [--checkpoint-every 100] [--resume]
     mxd-lens eval DIR/mxd_k32 DIR/transcoder_k32 [--out DIR]
+    mxd-lens eval DIR                        a frontier run's numbers again, from its folder
     mxd-lens circuit DIR/mxd_k32 --out DIR       mxd-lens publish DIR --repo user/name --dry-run
 
 Bad input ends with one line on stderr and a non-zero exit status, before any model is
@@ -20,6 +21,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 import sys  # noqa: E402
@@ -44,10 +46,17 @@ CHECKPOINTS = "checkpoints"  # = mxd_lens.experiments.frontier.CHECKPOINTS (that
 # help). The module is imported only when its command runs (it may import torch).
 PLUGINS: dict[str, tuple[str, str]] = {
     "circuit": ("mxd_lens.circuits", "faithfulness curves (and patching heatmaps) of saved modules on the IOI task"),
+    "dashboard": (
+        "mxd_lens.circuits.dashboard_command",
+        "one HTML page per unit of a saved module (and SAEDashboard's page)",
+    ),
     "publish": (
         "mxd_lens.experiments.publish",
         "lay out a training run as a Hugging Face repo (SAE-Lens layout + model card) and upload it",
     ),
+    "export": ("mxd_lens.export", "write saved transcoders in circuit-tracer's or sparsify's format"),
+    "probe": ("mxd_lens.probing", "sparse probing of saved modules on labelled text (no hub)"),
+    "steer": ("mxd_lens.probing.steer_cli", "steering by single units, evaluated against equal-strength controls"),
 }
 PLUGIN_MODULES = tuple(module for module, _ in PLUGINS.values())
 
@@ -60,6 +69,26 @@ def _int_list(text: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
+    return values
+
+
+def _int_ranges(text: str) -> list[int]:
+    """'0-29' or '3,7-9,12': integers and inclusive ranges (e.g. every layer of a model)."""
+    values: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        lo, dash, hi = part.partition("-")
+        try:
+            values.extend(range(int(lo), int(hi) + 1) if dash else [int(part)])
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers or ranges like 0-29, got {text!r}"
+            ) from None
+        if dash and int(hi) < int(lo):
+            raise argparse.ArgumentTypeError(f"range {part!r} runs backwards; expected LOW-HIGH, e.g. 0-29")
     if not values:
         raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
     return values
@@ -123,12 +152,17 @@ FLAGS: tuple[Flag, ...] = (
     *MODEL_FLAGS,
     Flag("--layer", "layer", "model and data"),
     Flag("--dataset", "dataset", "model and data"),
+    Flag("--text-column", "text_column", "model and data"),
+    Flag("--token-column", "token_column", "model and data"),
     Flag("--eval-dataset", "eval_dataset", "model and data"),
     Flag("--eval-fraction", "eval_fraction", "model and data"),
     Flag("--context", "context", "model and data"),
     Flag("--collect-tokens", "collect_tokens", "model and data"),
     Flag("--eval-tokens", "eval_tokens", "model and data"),
     Flag("--eval-batch-size", "eval_batch_size", "model and data"),
+    Flag("--eval-stack", "eval_stack", "model and data"),
+    Flag("--curve-points", "curve_points", "model and data"),
+    Flag("--curve-tokens", "curve_tokens", "model and data"),
     Flag("--methods", "methods", "modules", parse=_methods, metavar="M1,M2"),
     Flag("--ks", "ks", "modules", metavar="K1,K2"),
     Flag("--width", "width", "modules"),
@@ -140,12 +174,30 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--schedule", "trainer.schedule", "training"),
     Flag("--min-lr-ratio", "trainer.min_lr_ratio", "training"),
     Flag("--aux-coeff", "trainer.aux_coeff", "training"),
+    Flag("--dead-tokens", "trainer.dead_tokens", "training"),
+    Flag("--center-encoder", "trainer.center_encoder", "training"),
+    Flag("--zero-decoder", "trainer.zero_decoder", "training"),
+    Flag("--unit-norm-decoder", "trainer.unit_norm_decoder", "training"),
+    Flag("--gate-init", "trainer.gate_init", "training"),
+    Flag("--gate-lr-scale", "trainer.gate_lr_scale", "training"),
+    Flag("--experts-lr-scale", "trainer.experts_lr_scale", "training"),
+    Flag("--dense-lr-scale", "trainer.dense_lr_scale", "training"),
+    Flag("--warm-start-dense", "trainer.warm_start_dense", "training"),
+    Flag("--expert-init-noise", "trainer.expert_init_noise", "training"),
     Flag("--seed", "trainer.seed", "training"),
     Flag("--autocast", "trainer.autocast", "training", parse=_autocast, metavar="{auto,bfloat16,float16,none}"),
     Flag("--collect-autocast", "trainer.activations.autocast", "training", parse=_autocast,
          metavar="{auto,bfloat16,float16,none}"),
     Flag("--buffer-tokens", "trainer.activations.buffer_tokens", "training"),
     Flag("--cache-dir", "trainer.activations.cache_dir", "training"),
+    Flag("--store-dtype", "trainer.activations.store_dtype", "training"),
+    Flag("--stream-activations", "trainer.activations.keep_in_memory", "training",
+         help="Hold one chunk of activations at a time (later epochs re-run the model, or read --cache-dir): "
+              "memory bounded by the buffer, --buffer-tokens x layers x 2 x d_model x itemsize / processes."),
+    Flag("--include-special-tokens", "exclude_special_tokens", "training",
+         also=("trainer.activations.exclude_special_tokens",),
+         help="Keep the positions holding special tokens (BOS, the separator starting each row) in training "
+              "and in the comparison; by default both exclude them (attention sinks put massive MLP outputs there)."),
     Flag("--checkpoint-every", "trainer.checkpoint_every", "training",
          help="Steps between checkpoints, written into OUT/checkpoints (0: none)."),
     Flag("--resume", "trainer.resume", "training",
@@ -163,6 +215,9 @@ EVAL_FLAGS: tuple[Flag, ...] = (
     Flag("--eval-tokens", "eval_tokens", "model and data"),
     Flag("--context", "context", "model and data"),
     Flag("--batch-size", "batch_size", "model and data"),
+    Flag("--include-special-tokens", "exclude_special_tokens", "model and data",
+         help="Splice and compare at the positions holding special tokens too (BOS, the separator starting "
+              "each row); by default the clean MLP output is kept there for every module and both ablations."),
     Flag("--no-progress", "progress", "run", help="Hide the progress bars."),
 )
 """The flags of eval (EvalConfig)."""
@@ -283,12 +338,36 @@ def _run_config(args: argparse.Namespace, base: FrontierConfig, multi_layer: boo
 
 
 # --- the commands -----------------------------------------------------------------------------
-def _cmd_frontier(args: argparse.Namespace, base: FrontierConfig) -> int:
-    cfg, _ = _run_config(args, base, multi_layer=False)
-    from mxd_lens.experiments.frontier import run_frontier
+def _frontier_config(args: argparse.Namespace, base: FrontierConfig) -> FrontierConfig:
+    """The frontier's config; `--layers` adds a sweep (`sweep_layers`) around the main
+    layer: `--layer` when given (it must be listed), else the first listed."""
+    cfg = config_from_args(args, base)
+    layers = getattr(args, "layers", None)
+    if layers is None:
+        return cfg
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"--layers {_show(layers)} lists a layer twice")
+    main = args.layer if hasattr(args, "layer") else layers[0]
+    if main not in layers:
+        raise ValueError(f"--layer {main} is not among --layers {_show(layers)}; the main layer must be swept too")
+    return dataclasses.replace(cfg, layer=main, sweep_layers=[layer for layer in layers if layer != main])
 
-    run_frontier(cfg, args.out, overwrite=args.overwrite)  # checks everything before writing
+
+def _cmd_frontier(args: argparse.Namespace, base: FrontierConfig) -> int:
+    cfg = _frontier_config(args, base)
+    from mxd_lens.experiments.frontier import run_frontier
+    from mxd_lens.training import distributed
+
+    try:  # under torchrun: data-parallel training, rank 0 evaluates, writes and prints
+        quiet = distributed.env_world_size() > 1 and os.environ.get("RANK", "0") != "0"
+        run_frontier(cfg, args.out, overwrite=args.overwrite, echo=_quiet if quiet else print)
+    finally:
+        distributed.shutdown()
     return 0
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """`echo` of a data-parallel worker (rank > 0): only rank 0 prints."""
 
 
 def _cmd_train(args: argparse.Namespace, base: FrontierConfig) -> int:
@@ -303,22 +382,62 @@ def _cmd_train(args: argparse.Namespace, base: FrontierConfig) -> int:
     folder = RunFolder(args.out, overwrite=args.overwrite, marker="training.json", keep_on_failure=[CHECKPOINTS])
     folder.check()
     docs = fr.load_docs(cfg)  # data errors before the model loads
-    with folder:
-        model = fr.load_run_model(cfg.model, cfg.model_name, cfg.device, cfg.dtype, fold_ln=cfg.fold_ln)
-        for layer in layers:
-            check_layer(layer, model.cfg.n_layers)
-        train_rows, eval_rows = fr.tokenize_docs(cfg, model.tokenizer, *docs)
-        _, info = fr.train_modules(model, cfg, train_rows, folder.staging, eval_rows=eval_rows, layers=layers)
-        write_json(folder.staging / "training.json",
-                   {"config": cfg.to_dict(), "layers": layers, "summaries": info["summaries"]})
-        folder.commit()
+    from mxd_lens.training import distributed
+
+    # under torchrun every process trains its share of each batch; only rank 0 touches --out
+    ctx = distributed.init_from_env(cfg.device)
+    try:
+        with folder if ctx.is_main else contextlib.nullcontext():
+            model = fr.load_run_model(cfg.model, cfg.model_name, cfg.device, cfg.dtype, fold_ln=cfg.fold_ln,
+                                      echo=print if ctx.is_main else _quiet)
+            for layer in layers:
+                check_layer(layer, model.cfg.n_layers)
+            train_rows, eval_rows = fr.tokenize_docs(cfg, model.tokenizer, *docs)
+            staging = folder.staging if ctx.is_main else None
+            _, info = fr.train_modules(model, cfg, train_rows, staging, eval_rows=eval_rows, layers=layers)
+            if ctx.is_main:
+                write_json(folder.staging / "training.json", {
+                    "config": cfg.to_dict(), "layers": layers, "summaries": info["summaries"],
+                    "distributed": info.get("distributed"), "activation_memory": info.get("activation_memory"),
+                })
+                folder.commit()
+        distributed.barrier(ctx)  # the workers wait until rank 0 has written the run
+    finally:
+        distributed.shutdown()
+    if not ctx.is_main:
+        return 0
     for name, s in info["summaries"].items():
         print(f"{name}: held-out NMSE {s['heldout_nmse']:.4f}, L0 {s['l0']:.1f}, dead {s['dead_fraction']:.1%}, "
               f"{s['tokens_per_second']:,.0f} tok/s -> {folder.out / name}")
     return 0
 
 
+def _cmd_eval_run(args: argparse.Namespace) -> int:
+    """`mxd-lens eval RUN_DIR`: a frontier run's numbers again, from its folder alone."""
+    given = [f.name for f in EVAL_FLAGS if hasattr(args, f.name.removeprefix("--").replace("-", "_"))]
+    if given:
+        raise ValueError(
+            f"`mxd-lens eval RUN_DIR` takes every setting from RUN_DIR/results.json; drop {', '.join(given)} "
+            "(or evaluate its module folders: `mxd-lens eval RUN_DIR/<method>_k<K> ...`)"
+        )
+    out = RunFolder(args.out, overwrite=True, guard=None, marker="eval.json") if args.out else None
+    if out is not None:
+        out.check()
+    from mxd_lens.atomic import write_json
+    from mxd_lens.experiments.reeval import reevaluate_run
+
+    found = reevaluate_run(args.modules[0])
+    if out is not None:
+        with out:
+            write_json(out.staging / "eval.json", {**found["report"].to_dict(), "rows": found["rows"],
+                                                   "max_abs_difference": found["max_abs_difference"]})
+            out.commit()
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if len(args.modules) == 1 and (Path(args.modules[0]) / "results.json").is_file():
+        return _cmd_eval_run(args)
     cfg = EvalConfig.from_dict(_apply(args, EvalConfig(), EVAL_FLAGS) | {"modules": list(args.modules)})
     if not cfg.modules:
         raise ValueError("no module folders given; expected e.g. `mxd-lens eval RUN/mxd_k32`")
@@ -357,7 +476,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         check_layer(layer, model.cfg.n_layers)
         modules[name] = {layer: module.to(dtype)}
     rows = token_rows(model.tokenizer, docs, cfg.context, max_rows=cfg.eval_tokens // cfg.context)
-    report = evaluate_many(model, modules, rows, batch_size=cfg.batch_size, progress=cfg.progress)
+    report = evaluate_many(model, modules, rows, batch_size=cfg.batch_size, progress=cfg.progress,
+                           exclude_special_tokens=cfg.exclude_special_tokens)
     table = []
     for name, r in report.results.items():
         (layer, module), = modules[name].items()
@@ -385,11 +505,14 @@ def _add_run_command(sub: Any, name: str, help: str, base: FrontierConfig, func:
     p = sub.add_parser(name, help=help, description=help)
     groups = _add_flags(p, FrontierConfig, base, FLAGS)
     layers_help = (
-        "comma list of blocks to train at, all from one activation stream (modules go to "
-        "OUT/layer_<L>/<method>_k<K> when there are several) (default: --layer)"
-        if multi_layer else "comma list of blocks; the frontier takes one (default: --layer)"
+        "blocks to train at, as a comma list and/or ranges (0-29: every layer of the default model), all "
+        "from one forward pass per batch (modules go to OUT/layer_<L>/<method>_k<K> when there are several; "
+        "the activation buffer grows by one layer's share per layer, printed at start) (default: --layer)"
+        if multi_layer else "comma list of blocks: the frontier at each, trained from one activation pass "
+        "(OUT/layers.json, OUT/layers.html; modules of the other layers in OUT/layer_<L>/); results.json reports "
+        "--layer, or the first listed (default: --layer alone)"
     )
-    groups["model and data"].add_argument("--layers", type=_int_list, default=argparse.SUPPRESS, metavar="L1,L2", help=layers_help)
+    groups["model and data"].add_argument("--layers", type=_int_ranges, default=argparse.SUPPRESS, metavar="L1,L2", help=layers_help)
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output folder (may exist; files already in it are never touched)")
     g.add_argument("--overwrite", action="store_true",
@@ -421,7 +544,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     help = "evaluate saved modules on held-out text (CE, NMSE, KL, L0...)"
     p = sub.add_parser("eval", help=help, description=help)
-    p.add_argument("modules", nargs="*", help=field_docs(EvalConfig)["modules"])
+    p.add_argument("modules", nargs="*", help=field_docs(EvalConfig)["modules"]
+                   + " Or ONE frontier run folder (holding results.json): its numbers again, with the held-out "
+                   "tokens and settings it recorded.")
     _add_flags(p, EvalConfig, EvalConfig(), EVAL_FLAGS)
     p.add_argument("--out", default=None,
                    help="folder for eval.json (may exist; nothing else in it is touched) (default: print only)")

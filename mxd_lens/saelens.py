@@ -17,6 +17,12 @@ features); the dense branch is W_hidden, b_hidden, W_hidden_lin, W_out. Hooks ar
 SAE-Lens's: `hook_sae_input`, `hook_sae_acts_pre`, `hook_sae_acts_post`, `hook_sae_recons`,
 `hook_sae_output`, `hook_sae_error`, plus `hook_mxd_hidden` (the MxD's dense hidden units z).
 
+The views have SAE-Lens's SAE / Transcoder API: `d_out`, `forward_with_activations`,
+`activation_fn` (SAE-Lens's `TopK`), output-preserving `fold_W_dec_norm` and
+`fold_activation_norm_scaling_factor`, `save_model` / `load_from_disk` / `from_pretrained`
+(meta-device loading), `from_dict`, `to`; SAE-Lens's own tests run on them
+(tests/sae_lens/upstream/).
+
 SAE-Lens's training loop reconstructs an SAE's own input, so it cannot train a
 transcoder or an MxD (their target is the MLP output): train with mxd_lens; no SAE-Lens
 training classes are registered.
@@ -68,7 +74,9 @@ def from_saelens(sae: ReplacementSAE) -> Replacement:
     cfg_dict = sae.cfg.to_dict()
     arch, cfg, extra = storage.config_from_json(cfg_dict, "sae.cfg")
     module = registry.get(arch).module_class(cfg)
-    module.load_state_dict({k: v.detach().clone() for k, v in sae.state_dict().items()})
+    # unfolded: a view whose decoder norms were folded computes the module's function
+    # with another parametrisation (see ReplacementSAE.fold_W_dec_norm)
+    module.load_state_dict({k: v.detach().clone() for k, v in sae.unfolded_state_dict().items()})
     module.sae_metadata = extra
     return module
 

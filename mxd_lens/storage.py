@@ -11,6 +11,10 @@ A module folder holds
 - `sparsity.safetensors` (when firing rates are known): SAE-Lens's `sparsity` tensor,
   log10 of each unit's firing rate.
 
+`load("user/repo", "mxd_k32")` reads the folder `mxd_k32` of a Hugging Face model repo
+through huggingface_hub (only that folder is downloaded; with HF_HUB_OFFLINE=1 it comes
+from the hub cache); `load(path)` a local folder.
+
 Folders are written into a temporary sibling and renamed into place, so a crash never
 leaves a half-written module. Loading never unpickles: a folder is untrusted input, so
 cfg.json is validated and every tensor's name, shape and dtype is checked against it
@@ -23,6 +27,7 @@ import dataclasses
 import importlib.metadata
 
 import json
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +41,7 @@ from torch import Tensor
 
 from mxd_lens import registry
 from mxd_lens.architectures.base import Replacement, ReplacementConfig, expected_tensors as _expected
-from mxd_lens.atomic import write_dir, write_json
+from mxd_lens.atomic import write_dir, write_file, write_json
 from mxd_lens.config import dtype_name, parse_dtype
 from mxd_lens.validation import check_tensors
 
@@ -53,15 +58,19 @@ SPARSITY_EPS = 1e-10
 
 METADATA_KEYS: tuple[str, ...] = (
     "model_name",
+    "model_class_name",
     "hook_name",
     "hook_name_out",
     "context_size",
     "prepend_bos",
+    "sequence_separator_token",
+    "exclude_special_tokens",
     "dataset_path",
     "model_from_pretrained_kwargs",
     "neuronpedia_id",
 )
-"""SAE-Lens metadata written for every module (None when unknown)."""
+"""SAE-Lens metadata written for every module (None when unknown); the commands that
+train modules fill them all (`mxd_lens.metadata.run_metadata`) but neuronpedia_id."""
 _VERSION_KEYS = ("sae_lens_version", "sae_lens_training_version", "mxd_lens_version")
 _ENVELOPE_KEYS = ("architecture", "mxd_lens_format", "metadata")
 # SAE-Lens options that mxd_lens modules do not implement, with the only accepted value.
@@ -176,7 +185,11 @@ def read_config(path: str | Path) -> tuple[str, ReplacementConfig, dict[str, Any
 def _folder(path: str | Path) -> Path:
     folder = Path(path)
     if not folder.exists():
-        raise FileNotFoundError(f"no module folder at {folder}")
+        raise FileNotFoundError(
+            f"no module folder at {folder}; a module on the Hugging Face hub is named by its repo and "
+            f"folder: mxd_lens.load('user/repo', 'mxd_k32') (or, after `import mxd_lens`, "
+            f"sae_lens.SAE.from_pretrained('user/repo', 'mxd_k32'))"
+        )
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{folder} is a file, not a module folder (expected a folder holding {CFG_FILE})"
@@ -240,41 +253,54 @@ def save(
     """
     cfg = config_json(module, metadata)
     if firing_rates is not None:
-        firing_rates = torch.as_tensor(firing_rates).detach()
-        if tuple(firing_rates.shape) != (module.n_units,):
-            raise ValueError(
-                f"firing_rates has shape {tuple(firing_rates.shape)}; expected ({module.n_units},), one rate per unit"
-            )
-        if not bool(((firing_rates >= 0) & (firing_rates <= 1)).all()):
-            raise ValueError("firing_rates must be fractions in [0, 1]")
+        firing_rates = _check_firing_rates(firing_rates, module.n_units)
 
     def write(tmp: Path) -> None:
         write_json(tmp / CFG_FILE, cfg)
         tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if firing_rates is not None:
-            log_rates = torch.log10(firing_rates.float().cpu() + SPARSITY_EPS)
-            save_file({"sparsity": log_rates.contiguous()}, str(tmp / SPARSITY_FILE))
+            _write_sparsity(tmp / SPARSITY_FILE, firing_rates)
 
     return write_dir(path, write)
 
 
-def load(path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None) -> Replacement:
-    """Read a module folder (written by `save`, SAE-Lens or `publish`) as an mxd_lens module.
+def load(
+    path: str | Path,
+    folder: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    revision: str | None = None,
+) -> Replacement:
+    """Read a module folder (written by `save`, SAE-Lens or `publish`) as an mxd_lens module,
+    from disk or from the Hugging Face hub.
+
+    `load("runs/demo/mxd_k32")` reads a local folder; `load("user/repo", "mxd_k32")` reads
+    the folder `mxd_k32` of the hub repo `user/repo` (downloaded with huggingface_hub,
+    only that folder; offline, from the hub cache), or of the local folder `user/repo`
+    when one exists.
 
     Args:
-        path: the module folder.
+        path: the module folder, or a hub repo id ("user/repo") with `folder`.
+        folder: the module folder inside the repo (or inside the local folder `path`).
         device: where to put the parameters (default: cfg.json's device).
         dtype: cast the parameters to this dtype after loading (default: as saved).
             `attach` refuses a module whose dtype differs from the model's, so pass the
             model's dtype here to load a module saved in another precision.
+        revision: the hub revision (branch, tag or commit; default main).
 
     Raises:
-        FileNotFoundError: the folder, cfg.json or the weights are missing.
+        FileNotFoundError: the folder, cfg.json or the weights are missing, or the hub
+            repo cannot be reached and is not in the cache.
         ValueError: cfg.json is invalid, or a file is truncated, not safetensors, or
-            contradicts cfg.json (names, shapes, dtypes).
+            contradicts cfg.json (names, shapes, dtypes); a malformed repo id or folder.
     """
-    folder = _folder(path)
+    folder = resolve(path, folder, revision=revision)
+    from mxd_lens.export.sparsify import is_sparsify_folder, load_sparsify
+
+    if is_sparsify_folder(folder):  # EleutherAI sparsify's layout: cfg.json + sae.safetensors
+        return load_sparsify(folder, device=device, dtype=dtype)
     foreign = _foreign_architecture(folder)
     if foreign is not None:  # an SAE-Lens architecture of another package: served as it is
         from mxd_lens.architectures.saelens_adapter import load_saelens_folder
@@ -321,6 +347,80 @@ def _foreign_architecture(folder: Path) -> str | None:
     return name if name in SAE_CLASS_REGISTRY else None
 
 
+# --- the Hugging Face hub -------------------------------------------------------------------
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def resolve(path: str | Path, folder: str | None = None, *, revision: str | None = None) -> Path:
+    """The local module folder that `path` (and `folder`) name: `path` itself, `path/folder`
+    when `path` is a local folder, else the folder `folder` of the hub repo `path`
+    (`hub_folder`)."""
+    if folder is None:
+        return _folder(path)
+    if not isinstance(folder, str) or not folder or folder.startswith("/") or ".." in Path(folder).parts:
+        raise ValueError(f"folder={folder!r} must name a module folder inside the repo, e.g. 'mxd_k32'")
+    if Path(path).is_dir():
+        return _folder(Path(path) / folder)
+    return hub_folder(str(path), folder, revision=revision)
+
+
+def hub_folder(repo_id: str, folder: str, *, revision: str | None = None) -> Path:
+    """Download the module folder `folder` of the Hugging Face model repo `repo_id` (only
+    that folder's files) and return where it lies in the hub cache. With HF_HUB_OFFLINE=1
+    it is read from the cache, as huggingface_hub resolves any offline download."""
+    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id):
+        raise FileNotFoundError(
+            f"no module folder at {repo_id!r}, and it is not a Hugging Face repo id of the form 'user/repo' "
+            f"either; expected a local folder or mxd_lens.load('user/repo', {folder!r})"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        root = snapshot_download(repo_id, repo_type="model", revision=revision, allow_patterns=[f"{folder}/*"])
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+        raise FileNotFoundError(
+            f"no local folder {repo_id!r}, and the hub repo {repo_id!r}{at} is not in the hub cache while the hub "
+            f"cannot be reached ({type(err).__name__}); download it once online (mxd_lens.load({repo_id!r}, "
+            f"{folder!r}) or SAE.from_pretrained({repo_id!r}, {folder!r})) or pass a local module folder"
+        ) from None
+    except (HfHubHTTPError, OSError) as err:
+        raise FileNotFoundError(
+            f"cannot fetch {folder!r} from the hub repo {repo_id!r}{at}: {type(err).__name__}: {err}"
+        ) from None
+    found = Path(root) / folder
+    if not (found / CFG_FILE).is_file():
+        raise FileNotFoundError(
+            f"the hub repo {repo_id!r}{at} has no module folder {folder!r} (no {folder}/{CFG_FILE}); "
+            f"its module folders are named <method>_k<K>, e.g. 'mxd_k32'"
+        )
+    return found
+
+
+def save_sparsity(path: str | Path, firing_rates: Float[Tensor, " n_units"]) -> Path:
+    """Write SAE-Lens's sparsity.safetensors (log10 firing rates, key "sparsity") into the
+    module folder `path`, atomically, after checking the rates against its cfg.json."""
+    folder = _folder(path)
+    rates = _check_firing_rates(firing_rates, read_config(folder)[1].n_units)
+    return write_file(folder / SPARSITY_FILE, lambda tmp: _write_sparsity(tmp, rates))
+
+
+def _check_firing_rates(firing_rates: Any, n_units: int) -> Tensor:
+    rates = torch.as_tensor(firing_rates).detach()
+    if tuple(rates.shape) != (n_units,):
+        raise ValueError(f"firing_rates has shape {tuple(rates.shape)}; expected ({n_units},), one rate per unit")
+    if rates.isnan().any() or not bool(((rates >= 0) & (rates <= 1)).all()):
+        raise ValueError("firing_rates must be fractions in [0, 1]")
+    return rates
+
+
+def _write_sparsity(path: Path, rates: Tensor) -> None:
+    # float32, as SAE-Lens computes it: a rate of 1 then stores exactly 0 (float64 would store +4e-11)
+    log_rates = torch.log10(rates.float().cpu() + SPARSITY_EPS)
+    save_file({"sparsity": log_rates.contiguous()}, str(path))
+
+
 def load_sparsity(path: str | Path, n_units: int | None = None) -> Float[Tensor, " n_units"] | None:
     """log10 firing rates from `path/sparsity.safetensors`, or None when there is no such file."""
     folder = _folder(path)
@@ -359,6 +459,9 @@ __all__ = [
     "firing_rates",
     "load",
     "load_sparsity",
+    "hub_folder",
     "read_config",
+    "resolve",
     "save",
+    "save_sparsity",
 ]

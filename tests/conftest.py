@@ -47,3 +47,18 @@ def default_hooked_sae_transformer(default_model):
     from mxd_lens.saelens import hooked_sae_transformer
 
     return hooked_sae_transformer(default_model)
+
+
+# --- CUDA tests (tests/gpu/): marked `cuda`, skipped with the reason on a machine without one --
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped (reason printed) where there is none")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    reason = (f"no CUDA device: torch {torch.__version__} (built with CUDA {torch.version.cuda}) sees none; "
+              "run these on a GPU machine (benchmarks/gpu_check.sh)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -120,14 +120,11 @@ def by_hand(model, candidates, tokens, batch_size, mean_outputs=None):
     )
     ce_clean = ce_by_hand(clean, tokens)
     ce_zero = ce_by_hand(zero, tokens).mean().item()
-    batches = torch.arange(tokens.shape[0]).split(batch_size)
-    clean_per_batch = [ce_clean[rows].mean() for rows in batches]  # rows are independent
     out = {}
     for name, reps in candidates.items():
         with attach(model, reps):
             spliced = model(tokens)
         ce_spliced = ce_by_hand(spliced, tokens)
-        spliced_per_batch = [ce_spliced[rows].mean() for rows in batches]
         nmse, l0, dead, units, entropy = [], [], 0, 0, []
         for l in layers:
             module = reps[l]
@@ -142,14 +139,14 @@ def by_hand(model, candidates, tokens, batch_size, mean_outputs=None):
             dead += int((counts == 0).sum())
             units += counts.numel()
             entropy.append(float(scipy.stats.entropy(counts.numpy())))
-        per_batch = [(s - c).item() for s, c in zip(spliced_per_batch, clean_per_batch)]
+        per_row = (ce_spliced - ce_clean).mean(1)  # rows are the independent units
         out[name] = dict(
             ce_clean=ce_clean.mean().item(),
             ce_zero_ablation=ce_zero,
             ce_mean_ablation=ce_by_hand(mean, tokens).mean().item(),
             ce=ce_spliced.mean().item(),
             delta_ce=(ce_spliced - ce_clean).mean().item(),
-            delta_ce_stderr=float(scipy.stats.sem(per_batch)),
+            delta_ce_stderr=float(scipy.stats.sem(per_row.detach().numpy())),
             ce_recovered=(ce_zero - ce_spliced.mean().item()) / (ce_zero - ce_clean.mean().item()),
             kl=kl_by_hand(spliced, clean).mean().item(),
             nmse=sum(nmse) / len(nmse),
@@ -338,9 +335,9 @@ def test_paired_stderr_formula():
 
 def test_results_are_json_ready(tiny, tiny_tokens):
     reps = {1: random_mxd(tiny.cfg.d_model, seed=14)}
-    report = evaluate_many(tiny, {"m": reps}, tiny_tokens[:2], batch_size=8, progress=False)
+    report = evaluate_many(tiny, {"m": reps}, tiny_tokens[:1], batch_size=8, progress=False)
     d = json.loads(json.dumps(report.to_dict(), allow_nan=False))
-    assert d["results"]["m"]["delta_ce_stderr"] is None  # one batch: no stderr
+    assert d["results"]["m"]["delta_ce_stderr"] is None  # one row: no stderr
     assert set(d["results"]["m"]) >= {f.name for f in EvalResult.__dataclass_fields__.values()}
     assert set(d["baselines"]) >= set(CEBaselines.__dataclass_fields__)
 
@@ -406,7 +403,7 @@ def test_real_model_numbers_equal_hand_computation(default_model, heldout_tokens
     cands = real_modules(model.cfg.d_model)
     with attach(model, cands["mxd"]):  # resuming at layer 12 is the full forward
         torch.testing.assert_close(run_prefix(model, tokens, 12).resume(model), model(tokens), rtol=1e-4, atol=1e-4)
-    report = evaluate_many(model, cands, tokens, batch_size=1, progress=False)
+    report = evaluate_many(model, cands, tokens, batch_size=1, progress=False, exclude_special_tokens=False)
     hand = by_hand(model, cands, tokens, batch_size=1)
     for name in cands:
         assert_matches(report, name, hand[name])

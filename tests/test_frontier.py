@@ -116,7 +116,8 @@ def test_overwrite_replaces_the_finished_run_only_on_success(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
     names = sorted(p.name for p in tmp_path.iterdir())
     # the old run's other modules went with it; the user's file stayed; nothing staged is left
-    assert names == ["frontier.html", "mxd_k2", "notes.log", "results.json", "training.json"]
+    assert names == ["eval_inputs.safetensors", "evaluation.json", "frontier.html", "mxd_k2", "notes.log",
+                     "results.json", "training.json"]
     assert (tmp_path / "notes.log").read_text() == "the user's log"
 
 
@@ -156,3 +157,111 @@ def test_run_folder_protocol(tmp_path):
         RunFolder(blocker).check()
     with pytest.raises(ValueError, match="not writable"):
         RunFolder(blocker / "run").check()
+
+
+# --- learning curves and the layer sweep ------------------------------------------------
+def test_learning_curve_points_equal_a_separate_evaluation_of_a_checkpoint():
+    import copy
+
+    from mxd_lens.evals import evaluate_many
+    from mxd_lens.experiments.frontier import learning_curves, module_folders, train_modules
+
+    model, rows, heldout = tiny_model(), tiny_tokens(40), tiny_tokens(6, seed=9)
+    cfg = _cfg(curve_points=4, curve_tokens=64, eval_batch_size=3)  # 4 rows of 16 tokens
+    curves = learning_curves(model, cfg, heldout, module_folders(cfg))
+    steps = sorted(curves.steps)
+    assert steps == [1, 2, 4, 8] and steps[-1] == cfg.trainer.total_steps  # log-spaced, last step included
+    pick, checkpoint = steps[2], {}
+
+    def on_step(step, modules):
+        curves(step, modules)
+        if step == pick:
+            checkpoint.update({name: copy.deepcopy(m) for name, m in modules.items()})
+
+    trained, _ = train_modules(model, cfg, rows, None, on_step=on_step)
+    separate = evaluate_many(model, {n: {1: m.eval()} for n, m in checkpoint.items()}, heldout[:4], batch_size=3,
+                             progress=False)
+    for name in trained:
+        points = curves.points[name]
+        assert [p["step"] for p in points] == steps and [p["tokens"] for p in points] == [s * 128 for s in steps]
+        point = points[steps.index(pick)]
+        r = separate.results[name]
+        for key in ("nmse", "delta_ce", "delta_ce_stderr", "ce_recovered", "l0", "dead_fraction"):
+            assert point[key] == pytest.approx(getattr(r, key), rel=1e-6, abs=1e-9), (name, key)
+        assert points[-1]["nmse"] != point["nmse"]  # the curve moves
+    # measuring did not disturb the training: the same modules as without the curves
+    plain, _ = train_modules(tiny_model(), cfg, rows, None)
+    for name, module in trained.items():
+        for key, value in module.state_dict().items():
+            torch.testing.assert_close(value, plain[name].state_dict()[key], rtol=0, atol=0)
+
+
+def test_layer_sweep_trains_from_one_activation_pass(tmp_path):
+    from mxd_lens.experiments.frontier import train_modules
+
+    model, rows = tiny_model(), tiny_tokens(40)
+    passes = []
+    handle = model.embed.register_forward_hook(lambda *args: passes.append(1))
+    try:
+        train_modules(model, _cfg(), rows, None, layers=[1])
+        one_layer, passes[:] = len(passes), []
+        modules, _ = train_modules(model, _cfg(), rows, None, layers=[0, 1], main=1)
+        assert len(passes) == one_layer  # both layers from the same forward passes
+    finally:
+        handle.remove()
+    assert sorted(modules) == sorted([f"{m}_k{k}" for m in METHOD_NAMES for k in (2, 4)]
+                                     + [f"layer_0/{m}_k{k}" for m in METHOD_NAMES for k in (2, 4)])
+
+    results = run_frontier(_cfg(sweep_layers=[0]), tmp_path, model=model, train_rows=rows,
+                           eval_rows=tiny_tokens(6, seed=9), echo=lambda _: None)
+    assert results["layer"] == 1 and len(results["rows"]) == 6
+    for row in results["rows"]:
+        assert mxd_lens.load(tmp_path / f"{row['method']}_k{row['k']}").cfg.layer == 1
+        assert mxd_lens.load(tmp_path / "layer_0" / f"{row['method']}_k{row['k']}").cfg.layer == 0
+    sweep = json.loads((tmp_path / "layers.json").read_text())
+    assert sweep["main_layer"] == 1 and [s["layer"] for s in sweep["layers"]] == [0, 1]
+    main = next(s for s in sweep["layers"] if s["layer"] == 1)
+    by_row = {(r["method"], r["k"]): r for r in main["rows"]}
+    for row in results["rows"]:  # the main layer's sweep entry is results.json's evaluation
+        assert by_row[(row["method"], row["k"])]["delta_ce"] == pytest.approx(row["delta_ce"], rel=1e-12)
+    assert {(r["denominator"], r["k"]) for r in main["ratios"]} == {(d, k) for d in ("transcoder", "skip_transcoder")
+                                                                     for k in (2, 4)}
+    for r in main["ratios"]:
+        mxd = by_row[("mxd", r["k"])]["delta_ce"]
+        assert r["ratio"] == pytest.approx(mxd / by_row[(r["denominator"], r["k"])]["delta_ce"], rel=1e-9)
+        assert r["low"] - 1e-9 * abs(r["ratio"]) <= r["ratio"] <= r["high"] + 1e-9 * abs(r["ratio"])
+    assert main["ablation_cost"] == pytest.approx(results["ce_zero_ablation"] - results["ce_clean"])
+    assert (tmp_path / "layers.html").stat().st_size > 100_000
+    assert results["config"]["sweep_layers"] == [0] and results["config"]["exclude_special_tokens"] is True
+
+
+def test_layers_flag_picks_the_main_layer(tmp_path, capsys):
+    from mxd_lens.cli import main
+
+    assert main(["frontier", "--layers", "3,5", "--layer", "4", "--out", str(tmp_path / "x")]) == 1
+    assert "--layer 4 is not among --layers 3,5" in capsys.readouterr().err
+    assert main(["frontier", "--layers", "3,3", "--out", str(tmp_path / "x")]) == 1
+    assert "lists a layer twice" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+METHOD_NAMES = ("mxd", "transcoder", "skip_transcoder")
+
+
+def test_crossings_and_curve_steps():
+    from mxd_lens.experiments.curves import crossings, curve_steps
+
+    assert curve_steps(384, 6) == [1, 3, 11, 36, 117, 384] and curve_steps(5, 10) == [1, 2, 3, 4, 5]
+    assert curve_steps(7, 1) == [7] and curve_steps(7, 0) == []
+
+    def pts(values, err):
+        return [{"tokens": 100 * (i + 1), "delta_ce": v, "delta_ce_stderr": err} for i, v in enumerate(values)]
+
+    found = crossings({"mxd_k8": pts([0.5, 0.2, 0.1], 0.01), "transcoder_k8": pts([0.3, 0.25, 0.2], 0.01),
+                       "mxd_k16": pts([0.3, 0.1], 0.5), "transcoder_k16": pts([0.2, 0.2], 0.5)})
+    assert found == [
+        {"a": "mxd_k8", "b": "transcoder_k8", "key": "delta_ce", "between_tokens": [100, 200],
+         "leader_after": "mxd_k8", "clear": True},
+        {"a": "mxd_k16", "b": "transcoder_k16", "key": "delta_ce", "between_tokens": [100, 200],
+         "leader_after": "mxd_k16", "clear": False},
+    ]

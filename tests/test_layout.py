@@ -6,8 +6,8 @@ only where a test here allows it):
     0  config, validation, functional, params, atomic, registry, precision, _saelens_hook, run_folder
     1  architectures, model_io
     2  storage, attach
-    3  saelens, sources, training, evals
-    4  circuits
+    3  saelens, sources, training, evals, metadata
+    4  circuits, export, probing
     5  experiments
     6  cli, __main__
 
@@ -29,8 +29,8 @@ LEVELS = {
     "_saelens_hook": 0, "run_folder": 0,
     "architectures": 1, "model_io": 1,
     "storage": 2, "attach": 2,
-    "saelens": 3, "sources": 3, "training": 3, "evals": 3,
-    "circuits": 4,
+    "saelens": 3, "sources": 3, "training": 3, "evals": 3, "metadata": 3,
+    "circuits": 4, "export": 4, "probing": 4,
     "experiments": 5,
     "cli": 6, "__main__": 6,
 }

@@ -12,6 +12,7 @@ architecture's own file branches on which architecture it is.
 | `context(x, h)` | what decoding needs from the input besides the unit activations (an MxD's D^T z, a skip transcoder's W_skip x; None) |
 | `pre_acts(x)` | the units' pre-activations (default W_enc^T x + b_enc) |
 | `activate(pre)` | the sparse units (default TopK_k(ReLU(pre))) |
+| `fold_input_scale_(f)` | weights besides W_enc that read the input inside a nonlinearity absorb an input scale (an MxD's E, E_glu; for SAE-Lens's `fold_activation_norm_scaling_factor`) |
 | `mix_output(mix, context)` | the part of the output linear in the mixture sum_n a_n W_dec[n] |
 | `combine(mix, context)` | the whole output |
 | `train_forward(x)` | the unhooked forward pass with the selected-units-only backward |
@@ -218,7 +219,7 @@ def encode_units(
     on by a hook contributes exactly its term, and a backward hook sees the true
     gradient of every unit, selected or not."""
     context = arch.context(x, h)
-    units = arch.activate(h(pre_hook, arch.pre_acts(x)))
+    units = arch.select(h(pre_hook, arch.pre_acts(x)))
     if isinstance(units, TopK):
         if h is through and has_hooks(acts_hook):
             return Encoding(None, acts_hook(densify(units, arch.n_units)), context)
@@ -273,6 +274,18 @@ class UnitMath:
         """The sparse units: TopK_k(ReLU(pre)) (or a dense tensor for other activations)."""
         return topk_relu(pre, self.cfg.k)
 
+    def select(self, pre: Float[Tensor, "... n_units"]) -> TopK | Tensor:
+        """The units the encoder hands on: `activate(pre)` (an SAE-Lens view whose decoder
+        norms were folded selects on the unfolded pre-activations instead)."""
+        return self.activate(pre)
+
+    def fold_input_scale_(self, factor: float) -> None:
+        """Make the weights that read the input inside a nonlinearity, other than the gate
+        W_enc, read x / factor as they read x (multiply them by `factor`): what
+        `fold_activation_norm_scaling_factor` needs besides SAE-Lens's own W_enc *= factor,
+        W_dec /= factor, b_dec /= factor. Nothing by default: a linear term such as a skip
+        connection is already right, because the output is divided by `factor` too."""
+
     def mix_output(self, mix: Float[Tensor, "... d_out"], context: Tensor | None) -> Float[Tensor, "... d_out"]:
         """The part of the output that is linear in the mixture sum_n a_n W_dec[n]."""
         return mix
@@ -306,6 +319,10 @@ class Replacement(UnitMath, HookedRootModule):
     (one node per position: the whole vector at that hook)."""
     trainable: ClassVar[bool] = True
     """Whether `mxd_lens.training.fit` can train this architecture."""
+    unit_norm_decoder: ClassVar[bool] = False
+    """Whether the architecture itself keeps every W_dec row at unit norm (an MxD's expert
+    rows, in before/after_optimizer_step); the trainer's `unit_norm_decoder` option then
+    has nothing to add, and `zero_decoder` does not apply to it."""
 
     def __init__(self, cfg: ReplacementConfig) -> None:
         super().__init__()
@@ -340,6 +357,17 @@ class Replacement(UnitMath, HookedRootModule):
 
     def after_optimizer_step(self) -> None:
         """Called by the trainer after the optimiser step."""
+
+    def param_groups(self) -> dict[str, list[nn.Parameter | None]]:
+        """Named groups of parameters for per-group learning rates (`TrainerConfig`'s
+        `*_lr_scale`); together they hold every parameter exactly once. Default: one
+        group, 'all'."""
+        return {"all": list(self.parameters())}
+
+    def warm_start_from_mlp(self, mlp: nn.Module) -> bool:
+        """Copy what the architecture can take from the MLP it replaces (an MxD's dense
+        branch); False when there is nothing to take (the default)."""
+        return False
 
     def metrics(self) -> dict[str, float]:
         """The architecture's own evaluation figures (name -> value)."""
@@ -474,6 +502,20 @@ class Replacement(UnitMath, HookedRootModule):
 
         return save(self, path, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, repo_id: str, folder: str | None = None, **kwargs: Any) -> "Replacement":
+        """The module in folder `folder` of the Hugging Face repo `repo_id` (or a local
+        folder), as `mxd_lens.load(repo_id, folder, **kwargs)`; refuses another class."""
+        from mxd_lens.storage import load
+
+        module = load(repo_id, folder, **kwargs)
+        if not isinstance(module, cls):
+            raise ValueError(
+                f"{repo_id}{'/' + folder if folder else ''} holds a {type(module).__name__} "
+                f"({module.architecture}), not a {cls.__name__}; use mxd_lens.load to read any architecture"
+            )
+        return module
+
     def n_params(self) -> int:
         """Total number of parameters, counted from the module itself."""
         return sum(p.numel() for p in self.parameters())
@@ -508,8 +550,51 @@ def expected_tensors(module_class: type[Replacement], cfg: ReplacementConfig) ->
 # --- the SAE-Lens view ---------------------------------------------------------------------
 from sae_lens import SAE, SAEConfig  # noqa: E402  (after the module, which needs no SAE-Lens)
 from sae_lens.saes.sae import SAEMetadata  # noqa: E402
+from sae_lens.saes.topk_sae import TopK as SAELensTopK  # noqa: E402
 
 from mxd_lens.validation import check_tensors  # noqa: E402
+
+SAELENS_NORMALIZATIONS: tuple[str, ...] = ("none", "expected_average_only_in")
+"""`normalize_activations` values an mxd_lens view accepts: none, or a constant input scale
+that `fold_activation_norm_scaling_factor` folds into the weights (SAE-Lens's
+`from_pretrained` does when the release lists the factor). The others normalise each
+input at run time, which an mxd_lens module never does."""
+
+FOLDED_SCALE_KEY = "activation_fn.scale"
+"""State-dict key of the per-unit selection scale a folded view carries (never saved)."""
+
+
+class FoldedTopK(SAELensTopK):
+    """SAE-Lens's TopK for a view whose decoder norms were folded (`fold_W_dec_norm`).
+
+    Folding multiplies pre-activation n by s_n (the old norm of decoder row n) and
+    divides the row by s_n, which keeps a_n W_dec[n] only if the same units are kept:
+    TopK on the scaled pre-activations would pick others. So the k units are chosen on
+    pre / scale (the unfolded pre-activations) and their values are ReLU(pre / scale) *
+    scale, the unfolded activation times s_n. A subclass of SAE-Lens's TopK, so tools
+    that dispatch on `isinstance(sae.activation_fn, TopK)` still see a TopK."""
+
+    scale: Tensor
+
+    def __init__(self, k: int, scale: Float[Tensor, " n_units"]) -> None:
+        super().__init__(k)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: Float[Tensor, "... n_units"]) -> Float[Tensor, "... n_units"]:
+        units = scaled_selection(lambda pre: topk_relu(pre, self.k), x, self.scale)
+        return densify(units, x.shape[-1])
+
+
+def scaled_selection(
+    activate: Callable[[Tensor], TopK | Tensor], pre: Tensor, scale: Float[Tensor, " n_units"]
+) -> TopK | Tensor:
+    """`activate(pre / scale)` with its values multiplied back by `scale` (what a folded
+    view selects; exact for activations that commute with a positive per-unit scale, as
+    ReLU and TopK-ReLU do)."""
+    units = activate(pre / scale)
+    if isinstance(units, TopK):
+        return TopK(units.values * scale[units.indices], units.indices)
+    return units * scale
 
 
 @dataclass(kw_only=True)
@@ -539,6 +624,22 @@ class ReplacementSAEConfig(SAEConfig):
         super().__post_init__()
         if isinstance(self.metadata, dict):  # SAEConfig.from_dict passes the raw dict first
             self.metadata = SAEMetadata(**self.metadata)
+        if self.normalize_activations not in SAELENS_NORMALIZATIONS:
+            raise ValueError(
+                f"normalize_activations={self.normalize_activations!r}: an mxd_lens {self.architecture()!r} "
+                f"module never normalises its input at run time; expected one of {SAELENS_NORMALIZATIONS} "
+                "(fold a constant scale with fold_activation_norm_scaling_factor)"
+            )
+        if self.reshape_activations != "none":
+            raise ValueError(
+                f"reshape_activations={self.reshape_activations!r}: an mxd_lens {self.architecture()!r} "
+                "module reads the MLP's input or output (one vector per position), never hook_z; expected 'none'"
+            )
+        if self.apply_b_dec_to_input:
+            raise ValueError(
+                f"apply_b_dec_to_input=True: b_dec is the {self.architecture()!r} module's output bias "
+                "(width d_out), never subtracted from its input; expected False"
+            )
         self.to_mxd_lens()  # the one set of checks: sizes, k in range, act_fn, options
 
     def to_mxd_lens(self) -> ReplacementConfig:
@@ -576,6 +677,29 @@ class ReplacementSAE(UnitMath, SAE):
     @property
     def n_units(self) -> int:
         return self.cfg.d_sae
+
+    @property
+    def d_out(self) -> int:
+        """Width of the output (SAE-Lens's `Transcoder.d_out`)."""
+        return self.cfg.d_out
+
+    # --- the unit selection, as SAE-Lens sees it ------------------------------------------
+    def get_activation_fn(self) -> nn.Module:
+        """SAE-Lens's `TopK(k)`: `activation_fn(hidden_pre)` equals the dense activations
+        `encode` hands out (the architecture's `activate`, TopK_k(ReLU(pre)), computed
+        sparsely there). A view whose architecture selects otherwise overrides this."""
+        return SAELensTopK(self.cfg.k)
+
+    @property
+    def selection_scale(self) -> Float[Tensor, " d_sae"] | None:
+        """The decoder norms folded by `fold_W_dec_norm` (units are selected on
+        pre / selection_scale); None when nothing was folded."""
+        fn = self.activation_fn
+        return fn.scale if isinstance(fn, FoldedTopK) else None
+
+    def select(self, pre: Float[Tensor, "... d_sae"]) -> TopK | Tensor:
+        scale = self.selection_scale
+        return self.activate(pre) if scale is None else scaled_selection(self.activate, pre, scale)
 
     def initialize_weights(self) -> None:
         # The mxd_lens module's own parameters and initialisation, so the two cannot drift.
@@ -632,11 +756,77 @@ class ReplacementSAE(UnitMath, SAE):
             )
         return super().forward(x)  # an SAE on the MLP output: error = x - reconstruction
 
-    def fold_W_dec_norm(self) -> None:
+    def forward_with_activations(
+        self, x: Float[Tensor, "... d_in"]
+    ) -> tuple[Float[Tensor, "... d_out"], Float[Tensor, "... d_sae"]]:
+        """(output, unit activations), as SAE-Lens's `Transcoder.forward_with_activations`:
+        the output includes everything the architecture adds (an MxD's dense branch, a
+        skip term), without `hook_sae_output` and without an error term."""
+        acts = self.encode(x)
+        return self.decode(acts), acts
+
+    def turn_on_forward_pass_hook_z_reshaping(self) -> None:
         raise ValueError(
-            f"{type(self).__name__} cannot fold decoder norms into the encoder: rescaling the "
-            "pre-activations changes which units TopK selects"
+            f"{type(self).__name__} reads the MLP's input or output ({self.cfg.metadata.hook_name!r}), one "
+            "vector per position: hook_z reshaping never applies"
         )
+
+    # --- folding (SAE-Lens's fold_* methods), output-preserving ---------------------------
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        """Give every decoder row unit norm without changing the output.
+
+        Row n of W_dec is divided by its norm s_n, and W_enc's column n and b_enc[n] are
+        multiplied by it, so unit n's activation becomes s_n a_n and s_n a_n (W_dec[n] /
+        s_n) is the term it added before. For an MxD the rows are the expert rows c_n: the
+        expert map a_n c_n * D^T z keeps its value, the gate a_n carries ||c_n|| (c_n is
+        unit-norm after every training step, so this is a no-op there; the dense branch D
+        is shared by all experts and stays). TopK on the scaled pre-activations would keep
+        other units, so the k units are selected on the pre-activations divided by the
+        folded norms (`FoldedTopK`, which `activation_fn` becomes; only units tied at the
+        k-th place within float rounding can swap). Saving writes the unfolded weights
+        (`process_state_dict_for_saving`), the module's own layout."""
+        if not isinstance(self.activation_fn, SAELensTopK):
+            raise NotImplementedError(
+                f"{type(self).__name__} selects its units with {type(self.activation_fn).__name__}, not TopK; "
+                "folding decoder norms is only defined for a TopK selection"
+            )
+        norms = self.fold_and_get_W_dec_norm()  # W_dec /= s, W_enc *= s, b_enc *= s (norms clamped at 1e-8)
+        previous = self.selection_scale
+        scale = norms.clone() if previous is None else previous * norms
+        self.activation_fn = FoldedTopK(self.cfg.k, scale)
+
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        """Fold a constant input scale: afterwards the view maps x / scaling_factor to its
+        old output / scaling_factor (SAE-Lens's contract): W_enc *= f, W_dec /= f,
+        b_dec /= f, and the architecture's other input weights (`fold_input_scale_`: an
+        MxD's dense encoder) *= f."""
+        super().fold_activation_norm_scaling_factor(scaling_factor)
+        self.fold_input_scale_(scaling_factor)
+
+    def fold_activation_whitening(self, mean: Tensor, whitening_matrix: Tensor, unwhitening_matrix: Tensor) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__} maps the MLP input to a different space (its output): SAE-Lens's whitening "
+            "fold un-whitens the decoder in the input's space, which does not apply; normalize_activations must "
+            f"be one of {SAELENS_NORMALIZATIONS}"
+        )
+
+    def process_state_dict_for_saving(self, state_dict: dict[str, Any]) -> None:
+        """Unfold folded decoder norms (see `fold_W_dec_norm`) so the saved weights are the
+        module's own parameters, which `mxd_lens.load` and `SAE.load_from_disk` read; the
+        function is the same (fold again after loading: `load_from_disk(..., fold_W_dec_norm=True)`)."""
+        scale = state_dict.pop(FOLDED_SCALE_KEY, None)
+        if scale is not None:
+            state_dict["W_dec"] = state_dict["W_dec"] * scale[:, None]
+            state_dict["W_enc"] = state_dict["W_enc"] / scale
+            state_dict["b_enc"] = state_dict["b_enc"] / scale
+
+    def unfolded_state_dict(self) -> dict[str, Tensor]:
+        """The state dict of the mxd_lens module this view computes (folds undone)."""
+        state = self.state_dict()
+        self.process_state_dict_for_saving(state)
+        return state
 
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         # SAE-Lens calls this before load_state_dict: check names and shapes against cfg.
@@ -647,8 +837,11 @@ class ReplacementSAE(UnitMath, SAE):
 
 
 __all__ = [
+    "FOLDED_SCALE_KEY",
     "INPUT_SITES",
+    "SAELENS_NORMALIZATIONS",
     "Encoding",
+    "FoldedTopK",
     "HookFn",
     "Replacement",
     "ReplacementConfig",
@@ -664,5 +857,6 @@ __all__ = [
     "encode_units",
     "expected_tensors",
     "has_hooks",
+    "scaled_selection",
     "through",
 ]

@@ -104,6 +104,15 @@ class MxDMath(UnitMath):
     def combine(self, mix: Tensor, context: Tensor | None) -> Tensor:
         return mxd_combine(mix, context, self.b_dec)
 
+    def fold_input_scale_(self, factor: float) -> None:
+        # z = phi(E^T x + b_E) (* E_glu^T x) is not homogeneous in x: E (and E_glu) absorb
+        # the scale so that z is unchanged; C /= factor and b /= factor (SAE-Lens's part)
+        # then divide the output by it.
+        with torch.no_grad():
+            for p in (self.W_hidden, self.W_hidden_lin):
+                if p is not None:
+                    p.mul_(factor)
+
 
 class MxD(MxDMath, Replacement):
     """A Mixture of Decoders layer. Hooks: `hook_in`, `hook_hidden` (z),
@@ -117,6 +126,7 @@ class MxD(MxDMath, Replacement):
     acts_hook_name = "hook_expert_acts"
     hidden_hook_name = "hook_hidden"
     extra_nodes = {"dense": "hook_hidden"}
+    unit_norm_decoder = True
 
     def __init__(self, cfg: MxDConfig) -> None:
         super().__init__(cfg)
@@ -180,6 +190,66 @@ class MxD(MxDMath, Replacement):
 
     def after_optimizer_step(self) -> None:
         self.normalize_experts_()
+
+    def param_groups(self) -> dict[str, list[nn.Parameter | None]]:
+        """'gate' (G, b_G), 'experts' (C) and 'dense' (E, b_E, E_glu, D and the output bias b)."""
+        return {
+            "gate": [self.W_enc, self.b_enc],
+            "experts": [self.W_dec],
+            "dense": [self.W_hidden, self.b_hidden, self.W_hidden_lin, self.W_out, self.b_dec],
+        }
+
+    @torch.no_grad()
+    def warm_start_from_mlp(self, mlp: nn.Module) -> bool:
+        """Make the dense branch the MLP's own: E, b_E (and E_glu) from the MLP's input
+        weights, so z = phi(E^T x + b_E) (* E_glu^T x) equals the MLP's hidden units
+        (TransformerLens's hook_post) exactly; D = sqrt(d_out) * W_out and b = b_out; every
+        expert row c_n = 1/sqrt(d_out) (unit norm, all equal).
+
+        Then (C^T a) * (D^T z) + b = (sum_n a_n) * (W_out^T z) + b: the MLP's output
+        exactly when sum_n a_n = 1 (the trainer's `warm_start_dense` rescales the gate on
+        the first batch so that this holds on average). With all rows equal every expert is
+        the same map, which is collapse: diversify the rows afterwards (the trainer's
+        `expert_init_noise`: c_n = normalise(1 + noise * eps_n)), which moves the start
+        away from the MLP by about `noise` relative error per output coordinate; the unit-norm
+        constraint is why the sqrt(d_out) sits in D rather than in the rows.
+
+        Refuses an MLP whose hidden units this layer cannot reproduce: another width or
+        activation, a norm inside the MLP (SoLU), or a gated MLP with a bias added after
+        the product (TransformerLens's GatedMLP adds b_in there)."""
+        cfg = self.cfg
+        W_in, b_in, W_out = (getattr(mlp, name, None) for name in ("W_in", "b_in", "W_out"))
+        W_gate = getattr(mlp, "W_gate", None)
+        if W_in is None or W_out is None:
+            raise ValueError(f"warm_start_from_mlp needs a TransformerLens MLP with W_in and W_out, got {type(mlp).__name__}")
+        if tuple(W_in.shape) != (cfg.d_in, cfg.d_hidden) or tuple(W_out.shape) != (cfg.d_hidden, cfg.d_out):
+            raise ValueError(
+                f"warm_start_from_mlp: the MLP has W_in {tuple(W_in.shape)}, W_out {tuple(W_out.shape)}; this MxD needs "
+                f"({cfg.d_in}, {cfg.d_hidden}) and ({cfg.d_hidden}, {cfg.d_out}) (d_hidden = the MLP's d_mlp)"
+            )
+        mlp_cfg = getattr(mlp, "cfg", None)
+        act = getattr(mlp_cfg, "act_fn", None)
+        if act != cfg.act_fn:
+            raise ValueError(f"warm_start_from_mlp: the MLP's act_fn is {act!r}, this MxD's is {cfg.act_fn!r}")
+        if mlp_cfg is not None and mlp_cfg.is_layer_norm_activation():
+            raise ValueError(f"warm_start_from_mlp: act_fn={act!r} normalises inside the MLP, which an MxD cannot reproduce")
+        if (W_gate is not None) != cfg.glu:
+            raise ValueError(f"warm_start_from_mlp: the MLP is {'' if W_gate is not None else 'not '}gated but glu={cfg.glu}")
+        kw = {"dtype": self.W_hidden.dtype, "device": self.W_hidden.device}
+        if W_gate is not None:  # TransformerLens: post = act(x W_gate) * (x W_in) + b_in
+            if b_in is not None and bool(b_in.abs().max() > 0):
+                raise ValueError("warm_start_from_mlp: this gated MLP adds b_in after the product; an MxD has no such bias")
+            self.W_hidden.copy_(W_gate.to(**kw))
+            self.b_hidden.zero_()
+            self.W_hidden_lin.copy_(W_in.to(**kw))
+        else:  # post = act(x W_in + b_in)
+            self.W_hidden.copy_(W_in.to(**kw))
+            self.b_hidden.copy_(b_in.to(**kw) if b_in is not None else torch.zeros_like(self.b_hidden))
+        self.W_out.copy_(W_out.to(**kw) * cfg.d_out**0.5)
+        b_out = getattr(mlp, "b_out", None)
+        self.b_dec.copy_(b_out.to(**kw) if b_out is not None else torch.zeros_like(self.b_dec))
+        self.W_dec.fill_(cfg.d_out**-0.5)
+        return True
 
 
 def expert_cosine(mxd: MxD, n_sample: int = 512, seed: int = 0) -> float:

@@ -19,6 +19,7 @@ _EXPORTS = {
     "add_subcommand": "command", "module_folders": "command", "run": "command",
     "Agreement": "curves", "FaithfulnessCurve": "curves", "Ranking": "curves",
     "attribution_agreement": "curves", "curve_grid": "curves", "faithfulness_curve": "curves",
+    "LayerShares": "curves", "layer_shares": "curves",
     "curve_figure": "figures", "patching_heatmap": "figures", "write_html": "figures", "write_json": "figures",
     "IOI_NAMES": "tasks", "IOI_OBJECTS": "tasks", "IOI_PLACES": "tasks", "Task": "tasks", "ioi_task": "tasks",
 }
@@ -38,6 +39,8 @@ __all__ = [
     "FaithfulnessCurve",
     "faithfulness_curve",
     "curve_grid",
+    "LayerShares",
+    "layer_shares",
     "Agreement",
     "attribution_agreement",
     "curve_figure",

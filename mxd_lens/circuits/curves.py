@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
 
+from mxd_lens.model_io import Prefix, run_prefix
 from mxd_lens.circuits.patching import (
     Metric,
+    copies_per_pass,
     capture,
     check_tokens,
     find_site,
@@ -66,6 +70,10 @@ class FaithfulnessCurve:
     """Parameter count of the replacement."""
     k: int = 0
     """Its TopK K."""
+    metric: list[float] = field(default_factory=list)
+    """The raw patched metric at every point (what `fraction` divides by the layer's
+    difference): drawn beside the fraction, it stays readable when that difference is
+    near zero and the fraction is not."""
 
     @property
     def layer_share(self) -> float:
@@ -198,6 +206,7 @@ def faithfulness_curve(
         label=label or module.architecture,
         n_nodes=grid,
         fraction=[frac(float(v)) for v in values],
+        metric=[float(v) for v in values],
         n_units_in_top=n_units_in_top,
         clean_metric=clean_metric,
         corrupted_metric=corr,
@@ -209,6 +218,87 @@ def faithfulness_curve(
         n_params=module.n_params(),
         k=module.cfg.k,
     )
+
+
+@dataclass
+class LayerShares:
+    """How much of a behaviour's clean-vs-corrupted metric difference each layer's MLP
+    carries: the corrupted run with `blocks.L.hook_mlp_out` set to its clean value, one
+    layer at a time. This is the denominator of a faithfulness curve at L (patching every
+    node of a replacement at L is patching that MLP output), so a layer with a share near
+    zero gives curves that divide by almost nothing."""
+
+    clean_metric: float
+    """Metric of the clean run."""
+    corrupted_metric: float
+    """Metric of the corrupted run."""
+    patched_metric: list[float]
+    """Metric of the corrupted run with layer L's MLP output clean, one per layer."""
+
+    @property
+    def total(self) -> float:
+        """clean - corrupted: the whole behaviour."""
+        return self.clean_metric - self.corrupted_metric
+
+    @property
+    def share(self) -> list[float]:
+        """(patched_L - corrupted) / (clean - corrupted), one per layer (NaN when the
+        clean and corrupted metrics are equal: there is no behaviour to share)."""
+        total = self.total
+        return [(m - self.corrupted_metric) / total if total else float("nan") for m in self.patched_metric]
+
+    def larger_than(self, threshold: float) -> list[int]:
+        """Layers whose share is at least `threshold`, largest share first."""
+        ranked = sorted(range(len(self.share)), key=lambda i: -self.share[i])
+        return [i for i in ranked if self.share[i] >= threshold]
+
+    def describe(self, layers: list[int] | None = None) -> str:
+        """'L3 0.91, L0 0.42, ...' for the given layers (default: all, largest first)."""
+        layers = self.larger_than(float("-inf")) if layers is None else layers
+        return ", ".join(f"L{i} {self.share[i]:.2f}" for i in layers)
+
+
+@torch.no_grad()
+def layer_shares(
+    model: HookedTransformer,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    metric: Metric,
+) -> LayerShares:
+    """Each layer's share of the behaviour (`LayerShares`), measured on `model` as it is
+    (run it before attaching anything to measure the original model).
+
+    One clean run records every MLP output and one corrupted run the residual stream
+    entering every block. A patched run for layer L resumes there (the blocks before L
+    see only corrupted tokens either way); a few consecutive layers share a forward pass,
+    one copy of the corrupted batch each, resumed from the first of them."""
+    check_tokens(clean_tokens, corrupted_tokens, model.cfg.d_vocab)
+    n_layers, batch = model.cfg.n_layers, len(clean_tokens)
+    mlp_out = [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)]
+    resid_pre = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)]
+    clean_logits, clean_cache = model.run_with_cache(clean_tokens.to(model.cfg.device), names_filter=mlp_out)
+    corrupted_logits, corrupted_cache = model.run_with_cache(
+        corrupted_tokens.to(model.cfg.device), names_filter=resid_pre
+    )
+    base = run_prefix(model, corrupted_tokens, 0)  # the positional and mask tensors a resumed run needs
+    # Resuming a group at its first layer costs (group size) x (blocks after it): small
+    # groups do less work, large ones fewer passes.
+    group = max(1, min(copies_per_pass(batch, clean_tokens.shape[1], model.cfg.d_vocab), n_layers // 6))
+    patched: list[float] = []
+    for start in range(0, n_layers, group):
+        layers = list(range(start, min(n_layers, start + group)))
+
+        def patch(act: Tensor, hook: HookPoint, copy: int, layer: int) -> Tensor:
+            act = act.clone()
+            act[copy * batch : (copy + 1) * batch] = clean_cache[mlp_out[layer]]
+            return act
+
+        prefix = Prefix(corrupted_cache[resid_pre[start]], start, base.shortformer_pos_embed, base.attention_mask)
+        hooks = [(mlp_out[L], partial(patch, copy=c, layer=L)) for c, L in enumerate(layers)]
+        with model.hooks(fwd_hooks=hooks):
+            logits = prefix.repeat(len(layers)).resume(model)
+        patched += [float(metric(logits[c * batch : (c + 1) * batch])) for c in range(len(layers))]
+    return LayerShares(float(metric(clean_logits)), float(metric(corrupted_logits)), patched)
 
 
 @dataclass
@@ -278,5 +368,7 @@ __all__ = [
     "curve_grid",
     "Agreement",
     "attribution_agreement",
+    "LayerShares",
+    "layer_shares",
     "Ranking",
 ]

@@ -192,7 +192,8 @@ def _captures(
 
 
 # --- batched patched runs ---------------------------------------------------------------
-def _copies_per_pass(batch: int, pos: int, d_vocab: int) -> int:
+def copies_per_pass(batch: int, pos: int, d_vocab: int) -> int:
+    """How many copies of a [batch, pos] batch one forward pass may hold within the logit budget."""
     return max(1, _LOGIT_BUDGET // max(1, batch * pos * d_vocab))
 
 
@@ -218,7 +219,7 @@ def patched_metrics(
         raise ValueError(f"masks for node kinds {unknown}, but the replacement at layer {site.layer} has {sorted(hooks)}")
     n_copies = next(iter(masks.values())).shape[0]
     batch, pos = corrupted.prefix.resid.shape[:2]
-    per_pass = _copies_per_pass(batch, pos, model.cfg.d_vocab)
+    per_pass = copies_per_pass(batch, pos, model.cfg.d_vocab)
     device = corrupted.prefix.resid.device
     out = torch.empty(n_copies)
     for start in range(0, n_copies, per_pass):
@@ -295,7 +296,7 @@ def activation_patch(
         model, site, corrupted, clean, {"unit": torch.zeros(1, pos, n_units, dtype=torch.bool)}, metric
     )[0]
     result = torch.full((len(positions), len(units)), float(baseline))
-    chunk = 4 * _copies_per_pass(*clean_tokens.shape, model.cfg.d_vocab)
+    chunk = 4 * copies_per_pass(*clean_tokens.shape, model.cfg.d_vocab)
     starts = range(0, len(cells), chunk)
     if progress:
         from tqdm.auto import tqdm

@@ -12,7 +12,7 @@ import math
 from typing import NamedTuple, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 
@@ -71,7 +71,8 @@ def next_token_ce_kl(
 
 
 def paired_stderr(batch_differences: Sequence[float]) -> float:
-    """std (ddof=1) of per-batch paired differences / sqrt(n_batches); NaN for < 2 batches."""
+    """std (ddof=1) of paired differences / sqrt(n); NaN for fewer than 2 (the evaluator
+    feeds it one difference per row: `row_differences`)."""
     n = len(batch_differences)
     if n < 2:
         return float("nan")
@@ -122,3 +123,45 @@ class UnitStats:
     def entropy_normalized(self) -> float:
         """entropy / log(n_units), in [0, 1]."""
         return self.entropy / math.log(self.n_units) if self.n_units > 1 else float("nan")
+
+
+def row_differences(ce: Float[Tensor, "rows preds"], clean_ce: Float[Tensor, "rows preds"]) -> list[float]:
+    """Per-row paired differences: each row's mean next-token CE minus the clean model's
+    on the same predictions (float64). Rows are the independent units of an evaluation:
+    the predictions within a row share a context, so per-prediction differences are
+    correlated and their standard error would understate the uncertainty."""
+    return (ce.double() - clean_ce.double()).mean(-1).tolist()
+
+
+def ratio_interval(
+    numerator_rows: Sequence[float],
+    denominator_rows: Sequence[float],
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(ratio, low, high): mean(numerator_rows) / mean(denominator_rows) and its
+    percentile bootstrap interval, resampling ROWS with replacement (the same rows for
+    both, as the differences are paired on the same text). With equal-length rows the
+    means of the per-row differences are the candidates' delta CE."""
+    num = torch.as_tensor(list(numerator_rows), dtype=torch.float64)
+    den = torch.as_tensor(list(denominator_rows), dtype=torch.float64)
+    if num.shape != den.shape or num.numel() == 0:
+        raise ValueError(
+            f"ratio_interval needs per-row values of the same rows; got {num.numel()} and {den.numel()}"
+        )
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must lie strictly between 0 and 1")
+    ratio = float(num.mean() / den.mean())
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, num.numel(), (n_boot, num.numel()), generator=g)
+    boot = num[idx].mean(-1) / den[idx].mean(-1)
+    lo, hi = torch.quantile(boot, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return ratio, lo, hi
+
+
+def masked_energy(y: Float[Tensor, "rows ctx d"], mask: Bool[Tensor, "rows ctx"]) -> tuple[float, float]:
+    """(sum ||y||^2 at the masked positions, sum ||y||^2 over all positions), float64."""
+    sq = y.double().pow(2).sum(-1)
+    return float(sq[mask].sum()), float(sq.sum())

@@ -30,6 +30,40 @@ class CEBaselines:
     mean_source: str = "evaluation tokens"
     """Where the mean MLP outputs came from: 'given' (the `mean_outputs` argument) or
     'evaluation tokens' (their mean over the evaluated tokens themselves)."""
+    exclude_special_tokens: bool = False
+    """Whether positions holding special tokens were excluded: there every candidate and
+    both ablations keep the clean MLP output, and NMSE and unit statistics skip them."""
+    special_ids: list[int] = field(default_factory=list)
+    """The token ids whose positions count as special (`model_io.special_token_ids`)."""
+    n_rows: int = 0
+    """Rows evaluated: the independent units of the standard errors."""
+    excluded_positions: int = 0
+    """Positions (of rows * ctx) holding a special token."""
+    ce_zero_ablation_all_positions: float | None = None
+    """Mean CE with the MLP output(s) zeroed at EVERY position, special ones included
+    (None when the tokens hold no special position: then it is `ce_zero_ablation`)."""
+    ce_zero_ablation_special_kept: float | None = None
+    """Mean CE with the MLP output(s) zeroed everywhere except at special positions, which
+    keep the clean output (None when the tokens hold no special position)."""
+    excluded_ablation_share: float | None = None
+    """Share of the zero-ablation effect (all positions) that sits at the special
+    positions: (all - special_kept) / (all - ce_clean)."""
+    excluded_energy_share: dict[int, float] = field(default_factory=dict)
+    """Per layer: the share of the MLP's output energy sum ||y||^2 at special positions."""
+    median_norm: dict[int, float] = field(default_factory=dict)
+    """Per layer: the median ||y|| of the MLP output over the positions that are compared
+    (all positions when nothing is excluded)."""
+    excluded_norm_ratio: dict[int, float] = field(default_factory=dict)
+    """Per layer: the mean ||y|| at special positions over `median_norm` (NaN without any)."""
+    massive_factor: float = 20.0
+    """A compared position is flagged as a massive activation when its ||y|| exceeds
+    massive_factor * median_norm."""
+    massive_positions: dict[int, int] = field(default_factory=dict)
+    """Per layer: how many compared positions are massive activations (see `massive_factor`)."""
+    max_norm_ratio: dict[int, float] = field(default_factory=dict)
+    """Per layer: the largest ||y|| / median_norm over the compared positions."""
+    massive_examples: dict[int, list[list[int]]] = field(default_factory=dict)
+    """Per layer: up to 5 flagged positions as [row, position, token id]."""
 
     def to_dict(self) -> dict[str, Any]:
         """All fields, JSON-ready (non-finite floats become None)."""
@@ -48,7 +82,8 @@ class EvalResult:
     """
 
     nmse: float
-    """sum ||y_hat - y||^2 / sum ||y||^2 over all evaluated tokens, y the true output of
+    """sum ||y_hat - y||^2 / sum ||y||^2 over all compared positions (special positions
+    skipped when they are excluded), y the true output of
     `model.blocks[L].mlp` and y_hat the module's output on that MLP's true input; the
     mean over layers for several layers (every layer sees the same tokens, so this is
     the token-weighted mean)."""
@@ -57,9 +92,10 @@ class EvalResult:
     delta_ce: float
     """ce - ce_clean."""
     delta_ce_stderr: float
-    """Standard error of delta_ce over evaluation batches: the std (ddof=1) of the
-    per-batch paired differences divided by sqrt(n_batches); NaN (None in JSON) with a
-    single batch."""
+    """Standard error of delta_ce with ROWS as the independent units: the std (ddof=1) of
+    the per-row paired differences (`row_delta_ce`) divided by sqrt(n_rows); NaN (None in
+    JSON) with a single row. Predictions within a row share their context, so a
+    per-prediction standard error would understate the uncertainty."""
     ce_recovered: float
     """(ce_zero_ablation - ce) / (ce_zero_ablation - ce_clean): 1 is perfect, 0 is no
     better than deleting the MLP(s)."""
@@ -85,6 +121,9 @@ class EvalResult:
     module_metrics: dict[str, float] = field(default_factory=dict)
     """The modules' own figures (`Replacement.metrics()`, e.g. an MxD's expert_cos), mean
     over the layers whose modules report them."""
+    row_delta_ce: list[float] = field(default_factory=list, repr=False)
+    """Per row: its mean CE with the candidate spliced in minus the clean model's (the
+    paired differences behind `delta_ce_stderr` and `metrics.ratio_interval`)."""
 
     def to_dict(self) -> dict[str, Any]:
         """All fields, JSON-ready (non-finite floats become None, layer keys strings)."""

@@ -46,13 +46,25 @@ class FrontierConfig(ModelChoice):
     layer: int = 12
     """Block whose MLP is replaced."""
     dataset: str | None = None
-    """Training text: None for the embedded corpus's train split, else a .txt file, a
-    folder of them, or a Hugging Face dataset name."""
+    """Training data: None for the embedded corpus's train split, else a Hugging Face
+    dataset name (streamed), a folder saved by `datasets` (save_to_disk), a .jsonl /
+    .parquet / .txt file or a folder of them, or a .npy / .safetensors token array
+    ([rows, context], or a flat token stream). Tokenised once into a memory-mapped file
+    under the cache (`mxd_lens.sources.dataset_token_rows`), never all in memory."""
+    text_column: str = "text"
+    """Column of `dataset` (and `eval_dataset`) holding the text (.jsonl, .parquet,
+    saved or hub datasets)."""
+    token_column: str | None = None
+    """Column holding pre-tokenized int lists instead of text (or the tensor's name in a
+    .safetensors token file); None: tokenise `text_column`."""
     eval_dataset: str | None = None
-    """Held-out text: None for the embedded held-out book (Persuasion) when `dataset` is
-    None, else the last `eval_fraction` of `dataset`'s documents."""
+    """Held-out data (any `dataset` format; a hub or saved dataset's 'test' split): None
+    for the embedded held-out book (Persuasion) when `dataset` is None, else the token
+    rows of `dataset` that follow the training rows (`eval_fraction`)."""
     eval_fraction: float = 0.1
-    """Share of `dataset`'s documents held out when no `eval_dataset` is given."""
+    """When `dataset` is given without `eval_dataset` and holds fewer rows than
+    collect_tokens + eval_tokens: the share of its rows held out (its last rows); with
+    enough data the eval_tokens after the training rows are held out."""
     context: int = 128
     """Tokens per row (each row starts with the separator token 0)."""
     methods: list[str] = field(default_factory=registry.methods)
@@ -71,6 +83,27 @@ class FrontierConfig(ModelChoice):
     """Held-out tokens for the evaluation (rounded down to whole rows)."""
     eval_batch_size: int = 8
     """Rows per forward pass in the evaluation."""
+    eval_stack: int = 1
+    """Candidates per forward pass in the evaluation, stacked along the rows
+    (`evaluate_many(stack_candidates=...)`): pays where a bigger batch runs faster per
+    row (a GPU; ~15% on 2 CPU cores), costs that many times the logits' memory."""
+    exclude_special_tokens: bool = True
+    """Leave positions holding special tokens (the separator starting each row, BOS/EOS/pad:
+    `mxd_lens.model_io.special_positions`) out of the comparison: the evaluator keeps the
+    clean MLP output there for every module and both ablations, and NMSE and unit
+    statistics skip them. Attention sinks put massive MLP outputs there. The flag that
+    turns it off also turns off the training side (trainer.activations)."""
+    sweep_layers: list[int] = field(default_factory=list)
+    """Further blocks trained and evaluated beside `layer`, from the same activation pass
+    (`--layers`): their figures go to layers.json and layers.html, results.json stays
+    the report of `layer`."""
+    curve_points: int = 6
+    """Learning-curve points per module (log-spaced in optimizer steps, the last step
+    included); 0: no learning curves. Each point costs one pass from `layer` on over the
+    curve rows per module."""
+    curve_tokens: int = 512
+    """Held-out tokens (the first whole rows of the held-out set) the learning curves
+    are measured on."""
     dtype: str = "float32"
     """dtype of the language model and of the modules (evaluate CE in float32)."""
     device: str = "cpu"
@@ -101,7 +134,13 @@ class FrontierConfig(ModelChoice):
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if self.width is not None and max(self.ks) > self.width:
             raise ValueError(f"K={max(self.ks)} is larger than the transcoder width {self.width}")
-        for name in ("context", "collect_tokens", "eval_tokens", "eval_batch_size"):
+        if isinstance(self.curve_points, bool) or not isinstance(self.curve_points, int) or self.curve_points < 0:
+            raise ValueError(f"curve_points={self.curve_points!r} must be an integer >= 0")
+        for layer in self.sweep_layers:
+            check_layer_index(layer, "sweep_layers entry")
+        if len(set(self.sweep_layers)) != len(self.sweep_layers):
+            raise ValueError(f"sweep_layers={self.sweep_layers} lists a layer twice")
+        for name in ("context", "collect_tokens", "eval_tokens", "eval_batch_size", "curve_tokens", "eval_stack"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -109,6 +148,10 @@ class FrontierConfig(ModelChoice):
             raise ValueError(f"context={self.context} but a row needs at least 2 tokens")
         if not 0 < self.eval_fraction < 1:
             raise ValueError(f"eval_fraction={self.eval_fraction} must lie strictly between 0 and 1")
+        for name in ("text_column", "token_column"):
+            value = getattr(self, name)
+            if not (value is None and name == "token_column") and not (isinstance(value, str) and value):
+                raise ValueError(f"{name}={value!r} must be a column name (a non-empty string)")
         check_layer_index(self.layer)
         dtype_name(self.dtype)  # torch-free: the command line validates before importing torch
 
@@ -116,15 +159,29 @@ class FrontierConfig(ModelChoice):
 
 
 def demo_config() -> FrontierConfig:
-    """The demo's budget: the frontier at K = 16, 32 on the embedded model (layer 12,
+    """The demo's budget: the frontier at K = 16, 32 on the embedded model (layer 29,
     default sizes), sized to finish within 15 minutes on 2 CPU cores: 98k unique tokens
-    collected once, 197k training tokens per module (2 epochs), 8k held-out tokens.
+    collected once, 197k training tokens per module (2 epochs), 32k held-out tokens,
+    special positions excluded, learning curves at 6 points.
     lr 3e-3 at batch 512 was the best of the settings tried at this budget for MxD and the
-    skip transcoder alike (benchmarks/README.md); revival starts after 32k tokens."""
+    skip transcoder alike (benchmarks/README.md); revival starts after 32k tokens.
+
+    Layer 29, not 12, from `benchmarks/bench_eval_stderr.py --profile` (8 rows): zeroing
+    layer 12's MLP costs 0.11 nats, so the methods' differences were of the order of
+    their stderr; layer 29's costs 1.75 nats with the special positions kept (the issue's
+    24-row figures at positions >= 1: 1.02 against 0.06-0.17 for layers 3-27), and no
+    compared position of it is a massive activation (largest norm 11.8x the median),
+    whereas layer 28 (0.65 nats) keeps 2 positions at ~74x, layer 11 2 at ~790x and
+    layer 2 30 at ~49x, which would dominate their NMSE. Layer 0's MLP acts as an extension
+    of the token embedding. Each candidate then re-runs only block 29 and the unembedding
+    instead of blocks 12-29 (~3x less evaluation CPU time per token than at layer 12),
+    which buys the held-out tokens a small stderr needs."""
     return FrontierConfig(
+        layer=29,
         ks=[16, 32],
         collect_tokens=98_304,
-        eval_tokens=8_192,
+        eval_tokens=32_768,
+        eval_stack=3,
         trainer=TrainerConfig(
             train_tokens=196_608,
             batch_size=512,
@@ -153,6 +210,10 @@ class EvalConfig(ModelChoice):
     """Tokens per row (each row starts with the separator token 0)."""
     batch_size: int = 8
     """Rows per forward pass."""
+    exclude_special_tokens: bool = True
+    """Keep the clean MLP output at positions holding special tokens (the separator starting
+    each row, BOS/EOS/pad) for every module and both ablations, and leave them out of NMSE
+    and unit statistics (as `FrontierConfig.exclude_special_tokens`)."""
     progress: bool = True
     """Show progress bars."""
 

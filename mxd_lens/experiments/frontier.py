@@ -7,10 +7,21 @@ skip matrix, as in the paper), all of them are trained from ONE activation strea
 language model (`mxd_lens.training.fit`), and evaluated on held-out text
 (`mxd_lens.evals.evaluate_many`). Outputs in the run folder:
 
-    results.json          the numbers (keys listed in `RESULT_KEYS` / `ROW_KEYS`)
-    <method>_k<K>/        every trained module (`mxd_lens.load` reads it back)
-    frontier.html         delta CE (with stderr bars) and NMSE against K per method
+    results.json          the numbers of the main layer (keys listed in `RESULT_KEYS` / `ROW_KEYS`)
+    <method>_k<K>/        every trained module of the main layer (`mxd_lens.load` reads it back)
+    evaluation.json       the main layer's full evaluation: baselines with the special positions'
+                          shares and massive-activation flags, delta CE ratios with per-row
+                          bootstrap intervals, per-row differences, learning curves
+    eval_inputs.safetensors  the held-out rows and mean-ablation vectors (`mxd-lens eval RUN_DIR`)
+    frontier.html         delta CE (stderr: rows as units) and NMSE against K per method, and
+                          the learning curves
     training.json         per-module training summaries and phase timings
+    layers.json, layers.html, layer_<L>/<method>_k<K>/   with `sweep_layers` (`--layers`): every
+                          layer's summary and figure, the other layers' modules
+
+Special positions (the separator starting each row, BOS/EOS/pad) are excluded by default
+from training and from the comparison (`FrontierConfig.exclude_special_tokens`,
+`mxd_lens.evals.runner`).
 
 results.json is written last, atomically: a folder without it holds no result.
 """
@@ -29,7 +40,7 @@ from transformer_lens import HookedTransformer
 
 from mxd_lens import registry
 from mxd_lens.architectures.base import Replacement, Sizes
-from mxd_lens.atomic import write_json
+from mxd_lens.atomic import write_file, write_json
 from mxd_lens.config import parse_dtype
 from mxd_lens.experiments.config import FrontierConfig, demo_config
 from mxd_lens.experiments.results import (
@@ -238,35 +249,47 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     return Path(out)
 
 
-def load_docs(cfg: FrontierConfig) -> tuple[list[str], list[str]]:
-    """(training documents, held-out documents) from the configured datasets."""
-    from mxd_lens.sources import load_default_corpus, load_texts
+def load_docs(cfg: FrontierConfig) -> tuple[Any, Any]:
+    """(training data, held-out data), checked before any model loads: document lists for
+    the embedded corpus, `mxd_lens.sources.TokenDataset`s (opened, not read) for
+    `dataset` / `eval_dataset`; held-out None: the rows after the training rows."""
+    from mxd_lens.sources import load_default_corpus, open_dataset
 
+    columns = {"text_column": cfg.text_column, "token_column": cfg.token_column}
+    eval_data = None if cfg.eval_dataset is None else open_dataset(cfg.eval_dataset, split="test", **columns)
     if cfg.dataset is None:
-        train_docs = load_default_corpus("train")
-        eval_docs = load_default_corpus("heldout") if cfg.eval_dataset is None else load_texts(cfg.eval_dataset, split="test")
-        return train_docs, eval_docs
-    docs = load_texts(cfg.dataset)
-    if cfg.eval_dataset is not None:
-        return docs, load_texts(cfg.eval_dataset, split="test")
-    if len(docs) < 2:
-        raise ValueError(
-            f"dataset {cfg.dataset!r} has {len(docs)} document(s); holding out a share for evaluation "
-            "needs at least 2 (or pass --eval-dataset)"
-        )
-    cut = min(len(docs) - 1, max(1, round(len(docs) * (1 - cfg.eval_fraction))))
-    return docs[:cut], docs[cut:]
+        return load_default_corpus("train"), load_default_corpus("heldout") if eval_data is None else eval_data
+    return open_dataset(cfg.dataset, **columns), eval_data
 
 
 def tokenize_docs(
-    cfg: FrontierConfig, tokenizer, train_docs: list[str], eval_docs: list[str]
+    cfg: FrontierConfig, tokenizer, train_docs: Any, eval_docs: Any
 ) -> tuple[Int[Tensor, "rows ctx"], Int[Tensor, "rows ctx"]]:
-    """(training rows, held-out rows), capped at collect_tokens / eval_tokens."""
-    from mxd_lens.sources import token_rows
+    """(training rows, held-out rows), capped at collect_tokens / eval_tokens. A dataset's
+    rows are a memory-mapped token file (`dataset_token_rows`); with no held-out data the
+    rows following the training rows are held out (with too little data for both,
+    `eval_fraction` of its rows, the last ones)."""
+    from mxd_lens.sources import dataset_token_rows, token_rows
 
-    train = token_rows(tokenizer, train_docs, cfg.context, max_rows=max(1, cfg.collect_tokens // cfg.context))
-    heldout = token_rows(tokenizer, eval_docs, cfg.context, max_rows=max(1, cfg.eval_tokens // cfg.context))
-    return train, heldout
+    n_train, n_eval = max(1, cfg.collect_tokens // cfg.context), max(1, cfg.eval_tokens // cfg.context)
+
+    def rows(data: Any, n: int) -> Tensor:
+        if isinstance(data, list):
+            return token_rows(tokenizer, data, cfg.context, max_rows=n)
+        return dataset_token_rows(data, tokenizer, cfg.context, max_rows=n, progress=cfg.progress)
+
+    if eval_docs is not None:
+        return rows(train_docs, n_train), rows(eval_docs, n_eval)
+    both = rows(train_docs, n_train + n_eval)
+    if both.shape[0] < n_train + n_eval:
+        if both.shape[0] < 2:
+            raise ValueError(
+                f"dataset {cfg.dataset!r} gives {both.shape[0]} row(s) of {cfg.context} tokens; holding out a "
+                "share for evaluation needs at least 2 (or pass --eval-dataset)"
+            )
+        n_eval = min(both.shape[0] - 1, max(1, round(both.shape[0] * cfg.eval_fraction)))
+        n_train = both.shape[0] - n_eval
+    return both[:n_train], both[n_train : n_train + n_eval]
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -287,17 +310,31 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def module_folders(cfg: FrontierConfig, layers: Sequence[int] | None = None) -> dict[str, tuple[int, str, int]]:
+def module_folders(
+    cfg: FrontierConfig, layers: Sequence[int] | None = None, main: int | None = None
+) -> dict[str, tuple[int, str, int]]:
     """Relative folder -> (layer, method, K) of every module a run trains: '<method>_k<K>'
-    at one layer, 'layer_<L>/<method>_k<K>' when several layers are trained at once."""
+    at one layer, 'layer_<L>/<method>_k<K>' when several layers are trained at once
+    (except the `main` layer's, which stay '<method>_k<K>': a frontier run's sweep)."""
     layers = list(layers) if layers is not None else [cfg.layer]
     out = {}
     for layer in layers:
         for k in cfg.ks:
             for method in cfg.methods:
                 name = module_name(method, k)
-                out[name if len(layers) == 1 else f"layer_{layer}/{name}"] = (layer, method, k)
+                out[name if len(layers) == 1 or layer == main else f"layer_{layer}/{name}"] = (layer, method, k)
     return out
+
+
+def fit_name_of(folder: str) -> str:
+    """The name `fit` trains a module folder under: fit's names must not hold '/', so
+    'layer_3/mxd_k8' trains as 'layer_3.mxd_k8'."""
+    return folder.replace("/", ".")
+
+
+def frontier_layers(cfg: FrontierConfig) -> list[int]:
+    """The layers a frontier run trains: its main `layer`, then `sweep_layers` (sorted)."""
+    return [cfg.layer, *sorted(set(cfg.sweep_layers) - {cfg.layer})]
 
 
 def train_modules(
@@ -307,29 +344,41 @@ def train_modules(
     out: Path | None,
     eval_rows: Tensor | None = None,
     layers: Sequence[int] | None = None,
+    main: int | None = None,
+    on_step=None,
 ) -> tuple[dict[str, Replacement], dict[str, Any]]:
     """Build and train every (method, K) (at every layer of `layers`, default
     [cfg.layer]) from one activation stream; save each module into out/<folder>
-    (`module_folders`) when `out` is given. Returns (modules by folder, info: the sizes,
-    training summaries by folder, and the mean MLP output per layer)."""
+    (`module_folders`, `main` as there) when `out` is given; `on_step` goes to `fit`
+    (learning curves), called with fit's names (`fit_name_of`). Returns (modules by
+    folder, info: the sizes, training summaries by folder, and the mean MLP output per layer)."""
     from mxd_lens.training import fit
 
-    plan = module_folders(cfg, layers)
+    plan = module_folders(cfg, layers, main=main)
     for layer in {layer for layer, _, _ in plan.values()}:
         check_layer(layer, model.cfg.n_layers)
     sizes = resolve_sizes(model, cfg)
+    import torch
+
+    # the seed decides the initial weights too: a rerun (or N data-parallel processes,
+    # which start from rank 0's weights) gives the same modules
+    torch.manual_seed(cfg.trainer.seed)
     modules = {
         folder: build_module(method, k, sizes, layer, model.cfg.model_name, cfg.dtype, cfg.device)
         for folder, (layer, method, k) in plan.items()
     }
-    # fit's names must not hold '/': 'layer_3/mxd_k8' trains as 'layer_3.mxd_k8'
-    fit_name = {folder: folder.replace("/", ".") for folder in plan}
+    fit_name = {folder: fit_name_of(folder) for folder in plan}
     summaries = fit(
-        model, {fit_name[f]: (plan[f][0], m) for f, m in modules.items()}, train_rows, cfg.trainer, eval_tokens=eval_rows
+        model, {fit_name[f]: (plan[f][0], m) for f, m in modules.items()}, train_rows, cfg.trainer, eval_tokens=eval_rows,
+        on_step=on_step,
     )
     if out is not None:
+        from mxd_lens.metadata import save_module, write_sparsity
+
         for folder, module in modules.items():
-            module.save(out / folder)
+            save_module(out / folder, module, model, cfg)  # with the complete metadata (mxd_lens.metadata)
+        if eval_rows is not None:  # `train`: firing rates on its held-out rows (frontier: after its evaluation)
+            write_sparsity(out, model, modules, eval_rows, cfg)
     by_folder = {f: summaries[fit_name[f]] for f in plan}
     target_mean = {}
     for folder, (layer, _, _) in plan.items():
@@ -338,8 +387,29 @@ def train_modules(
         "sizes": sizes._asdict(),
         "summaries": {f: s.to_dict() for f, s in by_folder.items()},
         "target_mean": target_mean,
+        # data parallelism and the activation buffer's bound (mxd_lens.training.fit)
+        "distributed": getattr(summaries, "distributed", None),
+        "activation_memory": getattr(summaries, "memory", None),
     }
     return modules, info
+
+
+def _train_as_worker(cfg: FrontierConfig, ctx, model: HookedTransformer | None, train_rows: Tensor | None) -> dict:
+    """A data-parallel worker (rank > 0) of a frontier run: loads the model and the rows
+    as rank 0 does, trains its share of every batch (`train_modules` -> `fit`; its call
+    must mirror rank 0's, which `fit` checks), writes nothing, and waits at a barrier
+    while rank 0 evaluates and writes the run. Returns {} (rank 0 returns the results)."""
+    from mxd_lens.training import distributed
+
+    if model is None:
+        model = load_run_model(cfg.model, cfg.model_name, cfg.device, cfg.dtype, echo=lambda *a, **k: None,
+                               fold_ln=cfg.fold_ln)
+    if train_rows is None:
+        train_rows, _ = tokenize_docs(cfg, model.tokenizer, *load_docs(cfg))
+    # the same modules as rank 0's call in run_frontier (fit refuses a mismatch)
+    train_modules(model, cfg, train_rows, None, layers=frontier_layers(cfg), main=cfg.layer)
+    distributed.barrier(ctx)
+    return {}
 
 
 def run_frontier(
@@ -360,13 +430,20 @@ def run_frontier(
     `overwrite` or not); with `overwrite` a finished run is replaced only on success.
     """
     from mxd_lens.evals import evaluate_many
-    from mxd_lens.experiments.plots import write_frontier_html
+    from mxd_lens.experiments.layers import EVALUATION_FILE, LAYERS_FILE, format_layers, layer_summary, names_of
+    from mxd_lens.experiments.plots import write_frontier_html, write_layers_html
+    from mxd_lens.metadata import write_sparsity
 
     timings: dict[str, float] = {}
     folder = RunFolder(out, overwrite=overwrite, keep_on_failure=[CHECKPOINTS])
     folder.check()
     if model is None:
-        preflight(cfg)
+        preflight(cfg, frontier_layers(cfg))
+    from mxd_lens.training import distributed
+
+    dist_ctx = distributed.init_from_env(cfg.device)  # under torchrun: data-parallel training
+    if not dist_ctx.is_main:
+        return _train_as_worker(cfg, dist_ctx, model, train_rows)
     t = time.perf_counter()
     docs = load_docs(cfg) if train_rows is None or eval_rows is None else None  # data errors before the model loads
     timings["load_text"] = time.perf_counter() - t
@@ -385,17 +462,35 @@ def run_frontier(
             eval_rows = loaded_eval if eval_rows is None else eval_rows
         timings["tokenize"] = time.perf_counter() - t
 
+        layers = frontier_layers(cfg)
+        for layer in layers:
+            check_layer(layer, model.cfg.n_layers)
+        plan = module_folders(cfg, layers, main=cfg.layer)
         t = time.perf_counter()
-        modules, info = train_modules(model, cfg, train_rows, folder.staging)
-        timings["train"] = time.perf_counter() - t
+        curves = learning_curves(model, cfg, eval_rows, plan)
+        timings["curve_setup"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        mean = {cfg.layer: info["target_mean"][cfg.layer].to(cfg.device, parse_dtype(cfg.dtype))}
-        report = evaluate_many(
-            model, {n: {cfg.layer: m} for n, m in modules.items()}, eval_rows,
-            batch_size=cfg.eval_batch_size, mean_outputs=mean, progress=cfg.progress,
-        )
+        all_modules, info = train_modules(model, cfg, train_rows, folder.staging, layers=layers, main=cfg.layer,
+                                          on_step=curves)
+        timings["train"] = time.perf_counter() - t
+        if curves is not None:
+            timings["learning_curves"] = curves.seconds  # inside "train"
+
+        t = time.perf_counter()
+        means = {layer: info["target_mean"][layer].to(cfg.device, parse_dtype(cfg.dtype)) for layer in layers}
+        reports = {}
+        for layer in layers:  # one evaluation per layer: candidates of one call share their ablations
+            reports[layer] = evaluate_many(
+                model, {n: {layer: m} for n, m in all_modules.items() if plan[n][0] == layer}, eval_rows,
+                batch_size=cfg.eval_batch_size, mean_outputs={layer: means[layer]}, progress=cfg.progress,
+                exclude_special_tokens=cfg.exclude_special_tokens, stack_candidates=cfg.eval_stack,
+            )
+        report = reports[cfg.layer]
+        modules = {n: m for n, m in all_modules.items() if plan[n][0] == cfg.layer}
+        write_sparsity(folder.staging, model, all_modules, eval_rows, cfg)  # sparsity.safetensors (mxd_lens.metadata)
         timings["eval"] = time.perf_counter() - t
+        save_eval_inputs(folder.staging, eval_rows, means)
 
         rows = []
         for name, module in modules.items():
@@ -427,19 +522,94 @@ def run_frontier(
             versions=versions(),
             rows=rows,
         ).to_dict()
+        summaries = {layer: layer_summary(layer, reports[layer], names_of(
+            {n: None for n in all_modules if plan[n][0] == layer})) for layer in layers}
+        curves_dict = curves.to_dict() if curves is not None else None
+        write_json_atomic(folder.staging / EVALUATION_FILE,
+                          {"main": summaries[cfg.layer], "learning_curves": curves_dict})
         t = time.perf_counter()
-        write_frontier_html(results, folder.staging / "frontier.html")
+        write_frontier_html(results, folder.staging / "frontier.html", curves=curves_dict,
+                            summary=summaries[cfg.layer])
+        if len(layers) > 1:
+            ordered = [summaries[layer] for layer in sorted(layers)]
+            write_json_atomic(folder.staging / LAYERS_FILE, {"main_layer": cfg.layer, "layers": ordered})
+            write_layers_html(ordered, folder.staging / "layers.html", title=f"{model.cfg.model_name}: "
+                              f"{results['train_tokens']:,} training tokens per module, {base.n_tokens:,} held-out predictions")
         timings["plot"] = time.perf_counter() - t
-        write_json_atomic(folder.staging / "training.json", {"timings_seconds": timings, "summaries": info["summaries"]})
+        write_json_atomic(folder.staging / "training.json", {
+            "timings_seconds": timings, "summaries": info["summaries"],
+            "distributed": info.get("distributed"), "activation_memory": info.get("activation_memory"),
+        })
         write_json_atomic(folder.staging / RESULTS_FILE, results)  # moved in last: its presence marks a finished run
         folder.commit(stale=stale)
+    distributed.barrier(dist_ctx)  # the workers wait here until the run is written
     echo(format_table(results["rows"]))
     echo(
         f"clean CE {base.ce_clean:.4f}, zero-ablated {base.ce_zero_ablation:.4f}, mean-ablated "
         f"{base.ce_mean_ablation:.4f} on {base.n_tokens:,} held-out predictions"
     )
+    echo(describe_exclusion(base))
+    for r in summaries[cfg.layer]["ratios"]:
+        echo(f"dCE ratio {registry.label(r['numerator'])} / {registry.label(r['denominator'])} at K={r['k']}: "
+             f"{_num(r['ratio'])} (95% bootstrap over rows [{_num(r['low'])}, {_num(r['high'])}])")
+    if len(layers) > 1:
+        echo(format_layers([summaries[layer] for layer in sorted(layers)]))
     echo("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     return results
+
+
+def describe_exclusion(b: Any) -> str:
+    """One line on the special positions of an evaluation's baselines (`CEBaselines`)."""
+    layer = b.layers[0]
+    share = b.excluded_energy_share.get(layer)
+    text = (
+        f"special positions ({b.excluded_positions:,} of the held-out tokens) "
+        f"{'excluded (clean MLP output kept there)' if b.exclude_special_tokens else 'included'}: they hold "
+        f"{_pct(share)} of layer {layer}'s MLP output energy and {_pct(b.excluded_ablation_share)} of its "
+        f"zero-ablation effect"
+    )
+    n = b.massive_positions.get(layer, 0)
+    return text + (
+        f"; {n} compared position(s) with an MLP output norm above {b.massive_factor:g}x the median "
+        f"(max {b.max_norm_ratio.get(layer, float('nan')):.1f}x)"
+    )
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{value:.1%}"
+
+
+def learning_curves(model: HookedTransformer, cfg: FrontierConfig, eval_rows: Tensor, plan: dict[str, tuple[int, str, int]]):
+    """The `on_step` recorder of the main layer's learning curves (None when
+    cfg.curve_points is 0): a `HeldoutProbe` of the first cfg.curve_tokens held-out rows."""
+    from mxd_lens.evals import HeldoutProbe
+    from mxd_lens.experiments.curves import LearningCurves, curve_steps
+
+    if not cfg.curve_points:
+        return None
+    rows = eval_rows[: max(1, cfg.curve_tokens // eval_rows.shape[1])]
+    probe = HeldoutProbe(model, rows, [cfg.layer], batch_size=cfg.eval_batch_size,
+                         exclude_special_tokens=cfg.exclude_special_tokens)
+    names = {fit_name_of(f): f for f, (layer, _, _) in plan.items() if layer == cfg.layer}
+    steps = curve_steps(cfg.trainer.total_steps, cfg.curve_points)
+    return LearningCurves(probe, cfg.layer, names, steps, cfg.trainer.batch_size)
+
+
+EVAL_INPUTS = "eval_inputs.safetensors"
+"""The held-out token rows and the mean-ablation vectors of a run (`mxd-lens eval RUN_DIR`)."""
+
+
+def save_eval_inputs(out: Path, eval_rows: Tensor, means: dict[int, Tensor]) -> Path:
+    """out/eval_inputs.safetensors: 'heldout_tokens' [rows, ctx] and 'mean_output.<L>' per layer."""
+    from safetensors.torch import save_file
+
+    tensors = {"heldout_tokens": eval_rows.detach().cpu().contiguous()}
+    tensors.update({f"mean_output.{layer}": m.detach().float().cpu().contiguous() for layer, m in means.items()})
+    return write_file(out / EVAL_INPUTS, lambda tmp: save_file(tensors, str(tmp)))
 
 
 __all__ = [

@@ -170,14 +170,7 @@ def _obtain_debs(work: Path) -> dict[str, Path]:
     kept = default_corpus_folder() / "debs"  # packages from an earlier fetch
     if all(list(kept.glob(f"{deb}_*.deb")) for deb in _DEBS):
         return {deb: sorted(kept.glob(f"{deb}_*.deb"))[-1] for deb in _DEBS}
-    try:
-        _run(["apt-get", "download", *_DEBS], "downloading the corpus packages", cwd=work)
-    except RuntimeError:
-        # A fresh machine may have empty package lists; as root, refresh them once and retry.
-        if not (hasattr(os, "geteuid") and os.geteuid() == 0):
-            raise
-        _run(["apt-get", "update", "-qq"], "refreshing the package lists")
-        _run(["apt-get", "download", *_DEBS], "downloading the corpus packages", cwd=work)
+    _apt_download(list(_DEBS), work, "downloading the corpus packages")
     debs = {deb: sorted(work.glob(f"{deb}_*.deb")) for deb in _DEBS}
     missing = [deb for deb, paths in debs.items() if not paths]
     if missing:
@@ -188,10 +181,25 @@ def _obtain_debs(work: Path) -> dict[str, Path]:
     return {deb: paths[-1] for deb, paths in debs.items()}
 
 
-def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
-    """Run a packaging tool; any failure becomes one clear RuntimeError."""
+def _apt_download(packages: list[str], work: Path, what: str, instead: str | None = None) -> None:
+    """`apt-get download packages` into `work`; on a fresh machine the package lists may
+    be empty, so as root they are refreshed once and the download retried."""
+    try:
+        _run(["apt-get", "download", *packages], what, cwd=work, instead=instead)
+    except RuntimeError:
+        if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+            raise
+        _run(["apt-get", "update", "-qq"], "refreshing the package lists", instead=instead)
+        _run(["apt-get", "download", *packages], what, cwd=work, instead=instead)
+
+
+def _run(cmd: list[str], what: str, cwd: Path | None = None, instead: str | None = None) -> None:
+    """Run a packaging tool; any failure becomes one clear RuntimeError (`instead`: what
+    the user can do instead, for callers other than the default corpus)."""
     # Without apt-get, ready .deb files still work; without dpkg-deb, only own texts do.
-    if cmd[0] == "apt-get":
+    if instead is not None:
+        pass
+    elif cmd[0] == "apt-get":
         instead = f"set {DEBS_ENV_VAR} to a folder holding the .deb files {_ALTERNATIVE}"
     else:
         instead = _ALTERNATIVE.removeprefix("or ")

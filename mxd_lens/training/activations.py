@@ -5,6 +5,17 @@ layer (and so every module) being trained. Rows of tokens are permuted (seeded),
 chunks of at most `buffer_tokens` tokens, and each chunk's tokens are served in a seeded
 random order: the shuffling buffer holds one chunk, and a position in the stream is
 (epoch, chunk, batch), which is all a checkpoint needs to resume exactly.
+
+Data parallelism (`world_size` workers). The row permutation, the chunks, the special-token
+exclusion and every chunk's token order are defined over ALL rows, identically on every
+worker (they need only the token ids). Worker r runs the language model on rows r,
+r + world_size, ... of each chunk only, and serves, of each global batch, exactly the
+tokens that fall in its rows (`ActivationSource.shares`, with their slots in the global
+batch). The union over workers of what they serve is, token for token, the batch one
+process would serve: so sums over the workers' shares (of gradients, errors, energies,
+fired units) equal the one-process sums, up to float summation order. Excluded
+(special) positions change how many tokens each worker holds per chunk and per batch,
+not which tokens a global batch holds.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from mxd_lens.architectures.base import Replacement, default_hook_names
 from mxd_lens.atomic import write_file
 from mxd_lens.config import parse_dtype
 from mxd_lens.functional import nmse
-from mxd_lens.model_io import capture_mlp_io, model_device
+from mxd_lens.model_io import capture_mlp_io, model_device, special_positions, special_token_ids
 from mxd_lens.precision import resolve_autocast
 from mxd_lens.training.config import ActivationConfig
 from mxd_lens.validation import check_layer, check_token_matrix
@@ -66,6 +77,32 @@ def check_servable(model: HookedTransformer, layer: int) -> None:
 
 
 @dataclass(frozen=True)
+class Share:
+    """One global batch as this worker serves it."""
+
+    position: "DataPosition"
+    """Where the stream stands after this batch (the next batch's position)."""
+    data: dict[int, Pair]
+    """{layer: (x, y)}: this worker's tokens of the batch, in the order of `slots`."""
+    slots: Int[Tensor, " tokens"]
+    """Each token's index in the global batch (ascending; all of 0..batch_size-1 for one
+    worker): the AuxK subset is the tokens with slot < aux_tokens on every worker."""
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where a chunk's kept tokens live: the global token g (row-major over the chunk's
+    rows, excluded positions skipped) is token `local[g]` of worker `owner[g]`'s data."""
+
+    owner: Int[Tensor, " tokens"]
+    local: Int[Tensor, " tokens"]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.owner.shape[0]
+
+
+@dataclass(frozen=True)
 class DataPosition:
     """Where the stream stands: the next batch served is batch `batch` of the chunk at
     index `chunk` of epoch `epoch`'s chunk order."""
@@ -90,7 +127,9 @@ class ActivationSource:
         model: a HookedTransformer (any normalisation: the MLP's own input and output
             are captured with module hooks).
         layers: the layers whose MLP pairs are needed.
-        tokens: token rows [rows, ctx]; this worker reads its shard (rank, world_size).
+        tokens: token rows [rows, ctx], any torch tensor (a memory-mapped one too: rows
+            are indexed a chunk at a time, never copied whole); this worker collects its
+            share of every chunk's rows (cfg.rank, cfg.world_size).
         cfg: collection settings.
         seed: seeds the row permutation and the per-chunk shuffles.
     """
@@ -123,13 +162,21 @@ class ActivationSource:
         order = torch.arange(tokens.shape[0])
         if cfg.shuffle_rows:
             order = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(_seed_for(seed, -1)))
-        self.rows = order[cfg.rank :: cfg.world_size]
+        self.order = order
+        """Every row in stream order (all workers)."""
+        self.chunk_rows = cfg.buffer_tokens // ctx
+        """Rows per chunk, over all workers (this worker holds every world_size-th)."""
+        self.n_chunks = -(-tokens.shape[0] // self.chunk_rows)
+        self.rank, self.world_size = cfg.rank, cfg.world_size
+        self.rows = torch.cat([self.chunk_row_indices(c) for c in range(self.n_chunks)])
+        """This worker's rows, in stream order (a partition of all rows over the workers)."""
         if len(self.rows) == 0:
             raise ValueError(
                 f"rank {cfg.rank} of {cfg.world_size} gets no rows: there are only {tokens.shape[0]} rows"
             )
-        self.chunk_rows = cfg.buffer_tokens // ctx
-        self.n_chunks = -(-len(self.rows) // self.chunk_rows)
+        self.excluded_ids = special_token_ids(model) if cfg.exclude_special_tokens else []
+        """Token ids whose positions are dropped (`special_token_ids`; empty: none)."""
+        self._layouts: dict[int, ChunkLayout] = {}
         self._memory: dict[int, dict[int, Pair]] = {}
         self.collect_seconds = 0.0
         """Wall time spent running the language model (throughput = collected_tokens / this)."""
@@ -143,7 +190,7 @@ class ActivationSource:
     # --- sizes -------------------------------------------------------------------
     @property
     def n_tokens(self) -> int:
-        """Tokens in this worker's shard (one epoch)."""
+        """Token positions in this worker's rows (one epoch, excluded positions included)."""
         return len(self.rows) * self.tokens.shape[1]
 
     def _bytes_per_token(self) -> int:
@@ -151,9 +198,20 @@ class ActivationSource:
         return len(self.layers) * 2 * self.d_model * itemsize
 
     @property
+    def rows_per_chunk(self) -> int:
+        """The most rows of one chunk this worker holds: ceil(chunk_rows / world_size)."""
+        return -(-self.chunk_rows // self.world_size)
+
+    @property
     def buffer_bytes(self) -> int:
-        """The shuffling buffer's bound: one chunk of activations, in bytes."""
-        return self.chunk_rows * self.tokens.shape[1] * self._bytes_per_token()
+        """The shuffling buffer's bound on this worker: its share of one chunk of
+        activations (every layer, input and output), in bytes."""
+        return self.rows_per_chunk * self.tokens.shape[1] * self._bytes_per_token()
+
+    @property
+    def buffer_bytes_per_layer(self) -> int:
+        """`buffer_bytes` for one layer (the buffer grows linearly with the layers)."""
+        return self.buffer_bytes // len(self.layers)
 
     @property
     def total_bytes(self) -> int:
@@ -215,17 +273,57 @@ class ActivationSource:
         self.collected_tokens += len(row_indices) * self.tokens.shape[1]
         return {layer: (torch.cat(xs), torch.cat(ys)) for layer, (xs, ys) in parts.items()}
 
+    def global_chunk_rows(self, chunk: int) -> Tensor:
+        """Every worker's token rows of chunk `chunk` (chunk ids are fixed; epochs only
+        reorder them)."""
+        return self.order[chunk * self.chunk_rows : (chunk + 1) * self.chunk_rows]
+
     def chunk_row_indices(self, chunk: int) -> Tensor:
-        """The token rows of chunk `chunk` (chunk ids are fixed; epochs only reorder them)."""
-        return self.rows[chunk * self.chunk_rows : (chunk + 1) * self.chunk_rows]
+        """This worker's token rows of chunk `chunk`: every world_size-th, from its rank."""
+        return self.global_chunk_rows(chunk)[self.rank :: self.world_size]
+
+    def keep_mask(self, rows: Tensor) -> Tensor:
+        """[len(rows), ctx] True where a position is served (not an excluded special token)."""
+        block = self.tokens[rows]
+        if not self.excluded_ids:
+            return torch.ones(block.shape, dtype=torch.bool)
+        return ~special_positions(torch.as_tensor(block), self.excluded_ids).cpu()
+
+    def collect_kept(self, row_indices: Tensor) -> dict[int, Pair]:
+        """`collect`, without the excluded positions (what training and held-out NMSE see)."""
+        data = self.collect(row_indices)
+        if not self.excluded_ids:
+            return data
+        keep = self.keep_mask(row_indices).flatten()
+        return {layer: (x[keep], y[keep]) for layer, (x, y) in data.items()}
+
+    def layout(self, chunk: int) -> ChunkLayout:
+        """Which worker holds each of chunk `chunk`'s kept tokens, and where (from the
+        token ids alone: the same on every worker, no communication)."""
+        if chunk not in self._layouts:
+            keep = self.keep_mask(self.global_chunk_rows(chunk))  # [R, ctx]
+            counts = keep.sum(1)
+            row_owner = torch.arange(keep.shape[0]) % self.world_size
+            # tokens a worker holds before row j: the kept tokens of its earlier rows
+            before = torch.zeros_like(counts)
+            for r in range(min(self.world_size, keep.shape[0])):
+                mine = counts[r :: self.world_size]
+                before[r :: self.world_size] = torch.cumsum(mine, 0) - mine
+            within = torch.cumsum(keep.long(), 1) - 1  # index of a kept token inside its row
+            rows_of = torch.arange(keep.shape[0]).unsqueeze(1).expand_as(keep)[keep]
+            if len(self._layouts) >= 4:  # 16 bytes a token: keep a few chunks' layouts, not a corpus's
+                self._layouts.pop(next(iter(self._layouts)))
+            self._layouts[chunk] = ChunkLayout(row_owner[rows_of], before[rows_of] + within[keep])
+        return self._layouts[chunk]
 
     def chunk(self, chunk: int) -> dict[int, Pair]:
-        """Chunk `chunk`'s pairs, from memory, the disk cache or the model."""
+        """This worker's pairs of chunk `chunk` (excluded positions dropped), from
+        memory, the disk cache or the model."""
         if chunk in self._memory:
             return self._memory[chunk]
         data = self._read_shard(chunk)
         if data is None:
-            data = self.collect(self.chunk_row_indices(chunk))
+            data = self.collect_kept(self.chunk_row_indices(chunk))
             self._write_shard(chunk, data)
         if self.cfg.keep_in_memory:
             self._memory[chunk] = data
@@ -233,34 +331,94 @@ class ActivationSource:
 
     # --- disk cache --------------------------------------------------------------
     def _fingerprint(self) -> str:
-        """Identifies what a cached shard holds: model weights, tokens and settings."""
-        h = hashlib.sha256()
-        h.update(str(self.model.cfg.model_name).encode())
-        for layer in self.layers:
-            for p in self.model.blocks[layer].mlp.parameters():
-                h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
-        h.update(self.tokens.cpu().numpy().tobytes())
-        settings = {k: v for k, v in self.cfg.to_dict().items() if k not in ("keep_in_memory", "cache_dir")}
-        h.update(json.dumps([settings, self.layers, self.seed], sort_keys=True).encode())
-        return h.hexdigest()[:16]
+        """Identifies what a cached shard holds, so that a shard is reused only where the
+        model would give the same activations: every parameter and buffer that runs before
+        the last layer's MLP output (embeddings and blocks[:max(layers) + 1], hashed whole:
+        changing any weight of an early attention layer changes the key), the model's
+        config (dtype, positional scheme, ...; not its device), the resolved autocast
+        dtype, the layers, every token id (hashed a block of rows at a time, so a
+        memory-mapped corpus is never read into memory whole), the excluded special ids,
+        the seed (row order and chunks) and the collection settings (rank and world size
+        included: a shard is one worker's share of a chunk)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(b"mxd_lens activations v2")
+        cfg_dict = {k: v for k, v in self.model.cfg.to_dict().items() if k not in ("device", "n_devices")}
+        h.update(json.dumps(cfg_dict, sort_keys=True, default=str).encode())
+        last = self.layers[-1]
+        named = list(self.model.named_parameters()) + list(self.model.named_buffers())
+        for name, t in sorted(named, key=lambda item: item[0]):
+            parts = name.split(".")
+            if parts[0] in ("unembed", "ln_final") or (parts[0] == "blocks" and int(parts[1]) > last):
+                continue  # runs after blocks[last].mlp: cannot change what is collected
+            t = t.detach()
+            h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+        rows, ctx = self.tokens.shape
+        h.update(f"tokens {self.tokens.dtype} {rows}x{ctx}".encode())
+        step = max(1, (1 << 22) // ctx)  # ~4M tokens per block
+        for start in range(0, rows, step):
+            h.update(self.tokens[start : start + step].contiguous().cpu().numpy())
+        settings = {k: v for k, v in self.cfg.to_dict().items() if k not in ("keep_in_memory", "cache_dir", "check_site")}
+        settings["autocast"] = str(self.autocast_dtype)  # 'auto' resolves per machine: key on the outcome
+        self._cache_key = {
+            "model": str(self.model.cfg.model_name), "layers": self.layers, "seed": self.seed,
+            "excluded_ids": [int(i) for i in getattr(self, "excluded_ids", [])],
+            "settings": settings, "tokens": [rows, ctx],
+        }
+        h.update(json.dumps(self._cache_key, sort_keys=True).encode())
+        self._cache_key["hash"] = h.hexdigest()
+        return h.hexdigest()
 
     def _shard_path(self, chunk: int) -> Path:
         assert self._cache_folder is not None
         return self._cache_folder / f"chunk_{chunk:06d}.safetensors"
 
     def _read_shard(self, chunk: int) -> dict[int, Pair] | None:
-        if self._cache_folder is None or not self._shard_path(chunk).is_file():
+        """A cached shard, or None to collect it. Shards appear only by atomic rename of a
+        complete file (`_write_shard`), so a reader never sees a partial one; a file that
+        still does not hold what this chunk needs (damaged by something else) is
+        collected again and replaced, with a warning."""
+        if self._cache_folder is None:
             return None
-        flat = load_file(str(self._shard_path(chunk)))
+        path = self._shard_path(chunk)
+        if not path.is_file():
+            return None
+        import warnings
+
+        try:
+            flat = load_file(str(path))
+        except Exception as err:  # safetensors raises several types for a damaged file
+            warnings.warn(f"activation cache: {path} is unreadable ({err}); collecting the chunk again", stacklevel=2)
+            return None
+        n = int(self.keep_mask(self.chunk_row_indices(chunk)).sum())
+        expected = (n, self.d_model)
+        for layer in self.layers:
+            for key in (f"{layer}.in", f"{layer}.out"):
+                t = flat.get(key)
+                if t is None or tuple(t.shape) != expected or t.dtype != self.store_dtype:
+                    found = None if t is None else (tuple(t.shape), t.dtype)
+                    warnings.warn(
+                        f"activation cache: {path} holds {key} as {found}, expected {expected} {self.store_dtype}; "
+                        "collecting the chunk again", stacklevel=2,
+                    )
+                    return None
         return {layer: (flat[f"{layer}.in"], flat[f"{layer}.out"]) for layer in self.layers}
 
     def _write_shard(self, chunk: int, data: dict[int, Pair]) -> None:
+        """Write a shard atomically: a private temporary file (unique per writer) renamed
+        into place, so two processes collecting the same chunk at once each write a whole
+        file and the last rename wins (both hold the same activations)."""
         if self._cache_folder is None:
             return
         flat = {}
         for layer, (x, y) in data.items():
             flat[f"{layer}.in"], flat[f"{layer}.out"] = x.contiguous(), y.contiguous()
         write_file(self._shard_path(chunk), lambda tmp: save_file(flat, str(tmp)))
+        from mxd_lens.atomic import write_json
+
+        manifest = self._cache_folder / "key.json"
+        if not manifest.is_file():  # for people: what the folder's shards were keyed on
+            write_json(manifest, getattr(self, "_cache_key", {}))
 
     # --- the stream --------------------------------------------------------------
     def chunk_order(self, epoch: int) -> list[int]:
@@ -277,45 +435,72 @@ class ActivationSource:
     def batches(
         self, batch_size: int, start: DataPosition = DataPosition()
     ) -> Iterator[tuple[DataPosition, dict[int, Pair]]]:
-        """Endless stream of (position of the NEXT batch, {layer: (x, y)}) from `start`.
+        """Endless stream of (position of the NEXT batch, {layer: (x, y)}) from `start`:
+        this worker's tokens of each global batch (all of them for one worker)."""
+        for share in self.shares(batch_size, start):
+            yield share.position, share.data
 
-        A chunk's last batch_size-incomplete tokens are skipped in that epoch (a
-        different random few in every epoch).
+    def shares(self, batch_size: int, start: DataPosition = DataPosition()) -> Iterator[Share]:
+        """Endless stream of this worker's `Share` of each global batch, from `start`.
+
+        A global batch is `batch_size` tokens of one chunk, drawn in the chunk's seeded
+        token order (`token_order`, over the chunk's kept tokens of ALL workers); a
+        chunk's last batch_size-incomplete tokens are skipped in that epoch (a different
+        random few in every epoch).
         """
-        if batch_size > self.n_tokens:
+        total_positions = self.tokens.shape[0] * self.tokens.shape[1]
+        if batch_size > total_positions:
             raise ValueError(
-                f"batch_size={batch_size} is larger than the {self.n_tokens} tokens available "
-                f"to this worker; give more token rows or a smaller batch"
+                f"batch_size={batch_size} is larger than the {total_positions} tokens available "
+                f"({self.tokens.shape[0]} rows of {self.tokens.shape[1]}); give more token rows or a smaller batch"
             )
         if self.chunk_rows * self.tokens.shape[1] < batch_size:
             raise ValueError(
                 f"a chunk holds {self.chunk_rows * self.tokens.shape[1]} tokens ({self.chunk_rows} rows of "
                 f"{self.tokens.shape[1]}), fewer than batch_size={batch_size}; raise buffer_tokens"
             )
+        first = self.layout(0).n_tokens
+        if first < batch_size:
+            raise ValueError(
+                f"chunk 0 holds {first} tokens once the {self.chunk_rows * self.tokens.shape[1] - first} special-token "
+                f"positions are excluded, fewer than batch_size={batch_size}; raise buffer_tokens "
+                "(or include special tokens)"
+            )
         epoch, index, batch = start.epoch, start.chunk, start.batch
         while True:
             order = self.chunk_order(epoch)
             while index < len(order):
                 cid = order[index]
-                data = self.chunk(cid)
-                n = next(iter(data.values()))[0].shape[0]
-                perm = self.token_order(epoch, cid, n)
-                n_batches = n // batch_size
+                layout = self.layout(cid)
+                n_batches = layout.n_tokens // batch_size
+                data = self.chunk(cid) if batch < n_batches else None
+                if data is not None:
+                    held = next(iter(data.values()))[0].shape[0]
+                    if held != int((layout.owner == self.rank).sum()):
+                        raise RuntimeError(
+                            f"chunk {cid}: worker {self.rank} holds {held} pairs but the chunk's layout gives it "
+                            f"{int((layout.owner == self.rank).sum())} (a stale cache shard?)"
+                        )
+                    perm = self.token_order(epoch, cid, layout.n_tokens)
                 while batch < n_batches:
                     idx = perm[batch * batch_size : (batch + 1) * batch_size]
-                    out = {layer: (x[idx], y[idx]) for layer, (x, y) in data.items()}
+                    slots = (layout.owner[idx] == self.rank).nonzero().flatten()
+                    local = layout.local[idx[slots]]
+                    out = {layer: (x[local], y[local]) for layer, (x, y) in data.items()}
                     batch += 1
                     nxt = DataPosition(epoch, index, batch) if batch < n_batches else DataPosition(epoch, index + 1, 0)
                     if nxt.chunk == len(order):
                         nxt = DataPosition(epoch + 1, 0, 0)
-                    yield nxt, out
+                    yield Share(nxt, out, slots)
                 index, batch = index + 1, 0
             epoch, index, batch = epoch + 1, 0, 0
 
 
 __all__ = [
     "ActivationSource",
+    "ChunkLayout",
     "DataPosition",
+    "Share",
     "NonFiniteActivationError",
     "check_servable",
     "input_hook_name",

@@ -56,11 +56,19 @@ class ActivationConfig(JsonConfig):
     check_site: bool = True
     """On the first batch, recompute blocks[L].mlp(input) and require it to equal the
     captured output: proof that the hooks carry the module `attach` replaces."""
+    exclude_special_tokens: bool = True
+    """Drop the pairs at positions holding special tokens (`mxd_lens.model_io.special_positions`
+    of `special_token_ids(model)`: BOS/EOS/pad and the separator that starts each row).
+    Attention sinks put massive MLP outputs there (norm ~500x the rest at the default
+    model's layer 11), which would otherwise dominate an energy-weighted loss."""
     rank: int = 0
-    """This process's index among `world_size` data-parallel workers."""
+    """This process's index among `world_size` data-parallel workers (`fit` sets it from
+    the torch.distributed process group)."""
     world_size: int = 1
-    """Number of data-parallel workers; each one reads the rows i with
-    i % world_size == rank (after the seeded row permutation)."""
+    """Number of data-parallel workers. The rows are permuted (seeded) and cut into chunks
+    of `buffer_tokens // ctx` rows over ALL workers; worker r collects the rows at
+    positions r, r + world_size, ... of every chunk, and serves its own tokens of each
+    global batch (`ActivationSource.shares`)."""
 
     def __post_init__(self) -> None:
         _check_positive("model_batch_rows", self.model_batch_rows)
@@ -108,6 +116,48 @@ class TrainerConfig(JsonConfig):
     init_bias_from_data: bool = True
     """Before the first step, set each module's output bias b_dec to the mean target of
     the first batch (the layer starts at the mean instead of 0)."""
+    center_encoder: bool = False
+    """At the first step, b_enc = -W_enc^T mean(x) over the first batch (sparsify's
+    data-centred encoder): every unit's pre-activation has mean zero on that batch. The
+    transcoders' encoder and an MxD's gate alike (both are W_enc, b_enc). One seed at
+    layer 12, K=32 (with `zero_decoder`) took the transcoders from 65% to 34-35% dead
+    latents; off until benchmarks/tune.py measures it against every method."""
+    zero_decoder: bool = False
+    """At the first step, W_dec = 0 (sparsify's zero decoder) where the decoder rows are
+    free. Does not apply to unit-norm decoder rows (an MxD's expert rows c_n, or any
+    module under `unit_norm_decoder`): a zero row has no direction; an MxD's dense
+    decoder D already starts at 0."""
+    unit_norm_decoder: bool = False
+    """The MxD authors' transcoder recipe: every decoder row kept at unit norm (rescaled
+    after each step, its parallel gradient removed before it), as an MxD does with its
+    expert rows (`mxd_lens.functional.unit_norm_rows_` / `remove_parallel_grad_`)."""
+    gate_init: Literal["default", "kmeans"] = "default"
+    """'kmeans': at the first step, the encoder/gate columns W_enc become spherical k-means
+    centroids of the first batch's mean-centred inputs (`kmeans_iters` Lloyd iterations
+    started from the columns themselves, each column keeping its norm; with more units
+    than tokens only up to `tokens` columns move). 'default': the architecture's init."""
+    kmeans_iters: int = 5
+    """Lloyd iterations of `gate_init='kmeans'`."""
+    gate_lr_scale: float = 1.0
+    """Learning-rate multiplier of the 'gate' parameter group (an MxD's G, b_G;
+    `Replacement.param_groups`). Architectures with one group ('all') ignore the three
+    multipliers."""
+    experts_lr_scale: float = 1.0
+    """Learning-rate multiplier of the 'experts' group (an MxD's expert rows C)."""
+    dense_lr_scale: float = 1.0
+    """Learning-rate multiplier of the 'dense' group (an MxD's E, b_E, E_glu, D and b)."""
+    warm_start_dense: bool = False
+    """Before training, copy the model's own MLP into each module's dense branch
+    (`Replacement.warm_start_from_mlp`: an MxD's E, b_E, E_glu exactly, D = sqrt(d_out)
+    W_out, equal expert rows), then at the first step divide the gate by the batch mean
+    of sum_n a_n so that the layer starts near the MLP. Needs `expert_init_noise`
+    (equal rows are collapse). Architectures without a dense branch ignore it."""
+    expert_init_noise: float | None = None
+    """Expert rows c_n = normalise(1 + noise * eps_n), eps_n ~ N(0, I), before training
+    (architectures whose rows are unit norm: an MxD). The rows' norm is no lever (the
+    constraint resets it), their spread about the constant direction is: small noise
+    makes the experts similar maps, large noise approaches random directions. None: the
+    architecture's init (an MxD's uniform(-1, 1) rows normalised)."""
     aux_k: int | None = None
     """AuxK: the number of dead units that reconstruct the residual y - y_hat in the
     auxiliary loss (None: d_out // 2)."""
@@ -166,6 +216,24 @@ class TrainerConfig(JsonConfig):
             _check_positive("aux_tokens", self.aux_tokens)
         if self.aux_coeff < 0:
             raise ValueError(f"aux_coeff={self.aux_coeff!r} must be >= 0")
+        if self.zero_decoder and self.unit_norm_decoder:
+            raise ValueError("zero_decoder=True and unit_norm_decoder=True contradict: a zero row has no unit norm")
+        if self.gate_init not in ("default", "kmeans"):
+            raise ValueError(f"gate_init={self.gate_init!r}; expected 'default' or 'kmeans'")
+        _check_positive("kmeans_iters", self.kmeans_iters)
+        for name in ("gate_lr_scale", "experts_lr_scale", "dense_lr_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}={value!r} must be a positive number")
+        if self.expert_init_noise is not None and not (
+            isinstance(self.expert_init_noise, (int, float)) and self.expert_init_noise >= 0
+        ):
+            raise ValueError(f"expert_init_noise={self.expert_init_noise!r} must be a number >= 0 or None")
+        if self.warm_start_dense and self.expert_init_noise is None:
+            raise ValueError(
+                "warm_start_dense=True gives every expert the same row (collapse); set expert_init_noise "
+                "(e.g. 0.1) to diversify them"
+            )
         _check_dtype("autocast", self.autocast)
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError(f"checkpoint_every={self.checkpoint_every} needs a checkpoint_dir")

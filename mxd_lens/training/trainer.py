@@ -9,11 +9,15 @@ Dead units (no activation in the last `dead_tokens` tokens) are revived with an 
 (Gao et al. 2024): the aux_k most active dead units reconstruct the residual y - y_hat,
 weighted by `aux_coeff`. For an MxD the dead experts' mixture modulates the (detached)
 dense output D^T z, exactly as live experts do.
+
+Several processes (torch.distributed, torchrun) train data-parallel with the result of
+one process: see `fit`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,7 +30,9 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mxd_lens.architectures.base import Replacement, StepOutput
+from mxd_lens.config import parse_dtype
 from mxd_lens.functional import nmse, select_topk, squared_error_sums
+from mxd_lens.model_io import model_device
 from mxd_lens.training.activations import (
     ActivationSource,
     DataPosition,
@@ -43,6 +49,8 @@ from mxd_lens.training.checkpoint import (
     set_rng_state,
 )
 from mxd_lens.precision import resolve_autocast
+from mxd_lens.training import distributed
+from mxd_lens.training import init as data_init
 from mxd_lens.training.config import ActivationConfig, TrainerConfig
 
 
@@ -128,28 +136,6 @@ class TrainSummary:
         return d
 
 
-@dataclass
-class _ModuleRun:
-    name: str
-    layer: int
-    module: Replacement
-    optimizer: torch.optim.Optimizer
-    since_fired: Tensor
-    target_sum: Tensor
-    target_count: Tensor
-    seconds: float = 0.0
-    window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "nmse": 0.0, "l0": 0.0, "aux": 0.0, "n": 0})
-    last: dict[str, float] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def extra(self) -> ModuleCheckpoint:
-        return ModuleCheckpoint(
-            self.optimizer.state_dict(),
-            {"since_fired": self.since_fired, "target_sum": self.target_sum, "target_count": self.target_count,
-             "seconds": torch.tensor([self.seconds], dtype=torch.float64)},
-        )
-
-
 def _record_sites(model: HookedTransformer, name: str, layer: int, module: Replacement) -> None:
     """Write the training sites into the module's config; refuse a conflicting one."""
     cfg = module.cfg
@@ -175,10 +161,11 @@ def _record_sites(model: HookedTransformer, name: str, layer: int, module: Repla
 
 
 def _make_optimizer(module: Replacement, cfg: TrainerConfig) -> torch.optim.Optimizer:
-    params = [p for p in module.parameters() if p.requires_grad]
+    groups = data_init.optimizer_groups(module, cfg)  # per-group lr multipliers (`lr_scale`)
+    params = [p for g in groups for p in g["params"]]
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
     return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0, fused=fused or None
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0, fused=fused or None
     )
 
 
@@ -195,6 +182,74 @@ def heldout_nmse(module: Replacement, pairs: Pair, batch_size: int = 4096) -> fl
     return err / max(energy, 1e-12)
 
 
+class FitResult(dict):
+    """`fit`'s result: {name: TrainSummary}, plus what the run as a whole measured."""
+
+    distributed: dict[str, Any]
+    """{"world_size", "rows_per_rank", "collect_seconds_per_rank", "collected_tokens_per_rank"}."""
+    memory: dict[str, Any]
+    """The activation buffer's bound (bytes per layer, per process; see `ActivationSource`)."""
+
+
+def _aux_terms(
+    module: Replacement, x: Tensor, out: StepOutput, y: Tensor, dead: Tensor, aux_k: int, select: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """AuxK without a host synchronisation: (sum of squared errors of the top-aux_k dead
+    units' reconstruction of the residual, sum of the residual's energy) over the tokens
+    `select` (all if None). Equals `aux_k_loss`'s numerator and denominator: the TopK runs
+    over all units with the live ones masked out, and any live unit it still has to pick
+    (fewer than aux_k dead) contributes 0, so no data-dependent shape is needed."""
+    if select is not None:
+        x, y, y_hat, pre = x[select], y[select], out.y_hat[select], out.pre[select]
+        context = None if out.context is None else out.context[select]
+    else:
+        y_hat, pre, context = out.y_hat, out.pre, out.context
+    residual = (y.float() - y_hat.float()).detach()
+    k = min(aux_k, module.n_units)
+    idx = pre.masked_fill(~dead, float("-inf")).topk(k, dim=-1, sorted=False).indices
+    sparse = select_topk(x, module.W_enc, module.b_enc, pre, idx)
+    sparse = type(sparse)(sparse.values * dead[idx].to(sparse.values.dtype), idx)
+    err = (module.aux_output(sparse, context).float() - residual).pow(2).sum()
+    return err, residual.pow(2).sum()
+
+
+def _to_device(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A host batch on the training device: through a pinned buffer and an asynchronous
+    copy on CUDA (the caching host allocator keeps the buffer until the copy is done)."""
+    if device.type == "cuda":
+        pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        pinned.copy_(t)
+        return pinned.to(device, non_blocking=True).to(dtype)
+    return t.to(device, dtype)
+
+
+def _check_same_everywhere(
+    modules: Mapping[str, tuple[int, Replacement]], tokens: Tensor, cfg: TrainerConfig, ctx: distributed.DistContext
+) -> None:
+    """Every process must train the same modules on the same token rows with the same
+    settings (else the collectives would pair up different tensors): compare them once."""
+    rows = min(tokens.shape[0], 64)
+    mine = {
+        "modules": [(n, layer, m.architecture, [tuple(p.shape) for p in m.parameters()]) for n, (layer, m) in modules.items()],
+        "tokens": [list(tokens.shape), int(tokens[:rows].sum()), int(tokens[-rows:].sum())],
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "wandb_project", "device", "activations")}
+        | {"activations": {k: v for k, v in cfg.activations.to_dict().items() if k != "rank"}},
+    }
+    everyone = distributed.gather_objects(mine, ctx)
+    for rank, theirs in enumerate(everyone):
+        for key in mine:
+            if theirs[key] != everyone[0][key]:
+                raise ValueError(
+                    f"data-parallel fit: rank {rank} has different {key} from rank 0 "
+                    f"({str(theirs[key])[:200]} vs {str(everyone[0][key])[:200]}); every process must call fit "
+                    "with the same modules, token rows and config"
+                )
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def fit(
     model: HookedTransformer,
     modules: Mapping[str, tuple[int, Replacement]],
@@ -203,7 +258,7 @@ def fit(
     *,
     eval_tokens: Int[Tensor, "rows ctx"] | None = None,
     on_step: Callable[[int, Mapping[str, Replacement]], None] | None = None,
-) -> dict[str, TrainSummary]:
+) -> FitResult:
     """Train `modules` (name -> (layer, module)) in place on one activation stream.
 
     One forward pass of `model` over `tokens` feeds every module (several methods, K and
@@ -212,13 +267,47 @@ def fit(
     `cfg.checkpoint_every` checkpoints are written, and `cfg.resume` continues from the
     latest one exactly. `eval_tokens` (held-out rows) give a held-out NMSE every
     `cfg.eval_every` steps and at the end. `on_step(steps_done, {name: module})` runs
-    after every optimizer step (learning curves use it); it must leave the modules as it
-    found them (train mode, parameters untouched).
+    after every optimizer step (learning curves use it), on rank 0 only when several
+    processes train together (the modules are the same on every rank); it must leave
+    the modules as it found them (train mode, parameters untouched) and must not call
+    torch.distributed collectives (the other ranks are not there).
+
+    Data parallelism. Inside a torch.distributed process group (torchrun, or one the
+    caller made) every process calls `fit` with the same arguments; each runs the
+    language model on its own disjoint share of every chunk's rows and trains on its own
+    tokens of every global batch (`ActivationSource.shares`). The result equals one
+    process's with the same settings and seed, to float summation order, because every
+    quantity that mixes tokens is a SUM over the global batch, taken over the processes:
+    the gradients (each process's loss is its tokens' share of the global loss: squared
+    errors divided by the GLOBAL sum||y||^2, or by the global batch size for
+    loss_norm='token'), AuxK's residual energy (over the global batch's first
+    `aux_tokens` slots), the b_dec data initialisation (global batch mean), the fired
+    units (so `since_fired`, the dead set and AuxK's selection are the same everywhere)
+    and the target means. Parameters start as rank 0's, AdamW then sees identical
+    gradients everywhere, and the MxD's renormalisation runs after the synchronised step,
+    so every process holds the same modules at every step. The precision (autocast) is
+    resolved once on rank 0 and broadcast. `on_step`, held-out evaluation, progress bars
+    and checkpoint writing happen on rank 0 only (checkpoints must be readable by every
+    rank on resume, and resume needs the same number of processes).
+
+    Gradients are summed with an explicit all-reduce rather than DistributedDataParallel:
+    the losses are already normalised by global quantities (DDP would average, i.e.
+    divide by N again), the modules train through `train_forward` rather than `forward`
+    (DDP's hooks assume the latter), the MxD's gradient projection must act on the summed
+    gradient, and one flat all-reduce per step carries every module's gradients AND
+    fired-unit counts at once.
+
+    On CUDA the hot path does not synchronise with the host: losses, metrics and
+    dead-unit counters stay on the device and are read every `cfg.log_every` steps (a
+    non-finite loss is reported then, naming the steps), host batches go through pinned
+    buffers with asynchronous copies.
     """
     cfg = cfg or TrainerConfig()
     if not modules:
         raise ValueError("modules is empty; expected at least one {name: (layer, module)}")
     device = torch.device(cfg.device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())  # torchrun: this rank's GPU
     for name, entry in modules.items():
         if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], Replacement)):
             raise ValueError(f"modules[{name!r}] must be a (layer, module) pair; got {type(entry).__name__}")
@@ -234,136 +323,282 @@ def fit(
                 f"module {name!r}: a {type(module).__name__} ({module.architecture}) cannot be trained by "
                 "mxd_lens.training.fit"
             )
+    ctx = distributed.current()
+    acfg = cfg.activations
+    if ctx.active:
+        if acfg.world_size != 1 and (acfg.world_size, acfg.rank) != (ctx.world_size, ctx.rank):
+            raise ValueError(
+                f"activations has rank={acfg.rank}, world_size={acfg.world_size} but this process is rank "
+                f"{ctx.rank} of {ctx.world_size} in the torch.distributed process group; leave them at 0, 1"
+            )
+        acfg = dataclasses.replace(acfg, rank=ctx.rank, world_size=ctx.world_size)
+        _check_same_everywhere(modules, tokens, cfg, ctx)
+    elif acfg.world_size > 1:
+        raise ValueError(
+            f"activations.world_size={acfg.world_size} but no torch.distributed process group is running; "
+            "launch with torchrun (`torchrun --nproc_per_node=N -m mxd_lens train ...`) or call "
+            "torch.distributed.init_process_group first"
+        )
+    # precision is decided once, on rank 0, so that the processes never disagree
+    precision = None
+    if ctx.is_main:
+        precision = (
+            _dtype_name(resolve_autocast(cfg.autocast, device)),
+            _dtype_name(resolve_autocast(acfg.autocast, model_device(model))),
+        )
+    train_precision, collect_precision = distributed.broadcast_object(precision, ctx)
+    acfg = dataclasses.replace(acfg, autocast=collect_precision)
+    autocast_dtype = parse_dtype(train_precision) if train_precision else None
+
     layers = sorted({layer for layer, _ in modules.values()})
-    source = ActivationSource(model, layers, tokens, cfg.activations, seed=cfg.seed)
+    source = ActivationSource(model, layers, tokens, acfg, seed=cfg.seed)
     for name, (layer, module) in modules.items():
         _record_sites(model, name, layer, module)
+        data_init.prepare_(module, model, layer, cfg)  # warm start / expert rows (options), before the broadcast
+        distributed.broadcast_module_(module, ctx)  # every process starts from rank 0's weights
 
     torch.manual_seed(cfg.seed)
     runs = {
         name: _ModuleRun(
             name, layer, module, _make_optimizer(module, cfg),
-            since_fired=torch.zeros(module.n_units, dtype=torch.long),
-            target_sum=torch.zeros(module.cfg.d_out, dtype=torch.float64),
-            target_count=torch.zeros((), dtype=torch.float64),
+            since_fired=torch.zeros(module.n_units, dtype=torch.long, device=device),
+            target_sum=torch.zeros(module.cfg.d_out, dtype=torch.float64, device=device),
+            target_count=torch.zeros((), dtype=torch.float64, device=device),
+            window=torch.zeros(len(_WINDOW), dtype=torch.float64, device=device),
         )
         for name, (layer, module) in modules.items()
     }
     step, position = 0, DataPosition()
     if cfg.resume:
-        step, position = _resume(cfg, runs)
+        step, position = _resume(cfg, runs, ctx)
+
+    memory = {
+        "layers": len(layers),
+        "store_dtype": acfg.store_dtype,
+        "buffer_bytes_per_layer": source.buffer_bytes_per_layer,
+        "buffer_bytes": source.buffer_bytes,
+        "keep_in_memory": acfg.keep_in_memory,
+        "kept_bytes_max": source.total_bytes if acfg.keep_in_memory else source.buffer_bytes,
+    }
+    if cfg.progress and ctx.is_main:
+        mib = 2**20
+        tqdm.write(
+            f"activation buffer per process: {memory['buffer_bytes_per_layer'] / mib:.1f} MiB per layer x "
+            f"{len(layers)} layer(s) = {memory['buffer_bytes'] / mib:.1f} MiB ({acfg.store_dtype}); "
+            + (f"keeping every chunk in memory: up to {memory['kept_bytes_max'] / mib:.1f} MiB"
+               if acfg.keep_in_memory else "one chunk at a time")
+        )
 
     eval_pairs = None
-    if eval_tokens is not None:
+    if eval_tokens is not None and ctx.is_main:
         eval_cfg = ActivationConfig(
-            model_batch_rows=cfg.activations.model_batch_rows,
+            model_batch_rows=acfg.model_batch_rows,
             buffer_tokens=max(eval_tokens.numel(), cfg.batch_size),
             shuffle_rows=False, autocast=None, keep_in_memory=True,
+            exclude_special_tokens=acfg.exclude_special_tokens,
         )
         eval_source = ActivationSource(model, layers, eval_tokens, eval_cfg, seed=cfg.seed)
-        eval_pairs = eval_source.collect(eval_source.rows)
+        eval_pairs = eval_source.collect_kept(eval_source.rows)
 
-    autocast_dtype = resolve_autocast(cfg.autocast, device)
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     aux_k_default = next(iter(modules.values()))[1].cfg.d_out // 2
-    wandb_run = _wandb(cfg)
+    wandb_run = _wandb(cfg) if ctx.is_main else None
     total = cfg.total_steps
-    bar = tqdm(total=total, initial=step, disable=not cfg.progress, desc="train", dynamic_ncols=True)
-    source.status = bar if cfg.progress else None
-    stream = source.batches(cfg.batch_size, position)
-    collect_seconds = 0.0
+    show = cfg.progress and ctx.is_main
+    bar = tqdm(total=total, initial=step, disable=not show, desc="train", dynamic_ncols=True)
+    source.status = bar if show else None
+    stream = source.shares(cfg.batch_size, position)
     try:
         while step < total:
-            t0 = time.perf_counter()
-            position, batch = next(stream)
-            collect_seconds += time.perf_counter() - t0
+            share = next(stream)
+            position = share.position
             lr = lr_at(step, cfg)
+            select = None
+            if cfg.aux_coeff > 0 and cfg.aux_tokens is not None:
+                select = (share.slots < cfg.aux_tokens).nonzero().flatten().to(device, non_blocking=True)
+            on_device: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor]] = {}
             for run in runs.values():
-                x, y = batch[run.layer]
-                x = x.to(device, run.module.dtype)
-                y = y.to(device, torch.float32)
+                key = (run.layer, run.module.dtype)
+                if key not in on_device:
+                    x, y = share.data[run.layer]
+                    on_device[key] = (_to_device(x, device, run.module.dtype), _to_device(y, device, torch.float32))
+                x, y = on_device[key]
                 t1 = time.perf_counter()
-                _train_step(run, x, y, lr, step, cfg, autocast, cfg.aux_k or aux_k_default)
+                _train_step(run, x, y, select, step, cfg, autocast, cfg.aux_k or aux_k_default, ctx)
                 run.seconds += time.perf_counter() - t1
+            t1 = time.perf_counter()
+            _synchronised_step(runs, lr, cfg, ctx)
+            for run in runs.values():
+                run.seconds += (time.perf_counter() - t1) / len(runs)
             step += 1
             bar.update(1)
-            if on_step is not None:
+            if on_step is not None and ctx.is_main:
                 on_step(step, {name: run.module for name, run in runs.items()})
             if step % cfg.log_every == 0 or step == total:
-                _log(runs, step, cfg, bar, wandb_run)
+                _log(runs, step, cfg, bar, wandb_run, ctx)
             if eval_pairs is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 _evaluate(runs, eval_pairs, step, wandb_run)
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total):
-                _checkpoint(cfg, runs, step, position, source)
+                _checkpoint(cfg, runs, step, position, ctx)
     finally:
         bar.close()
         if wandb_run is not None:
             wandb_run.finish()
+    for run in runs.values():  # the target means over every process's tokens
+        distributed.all_reduce_many_([run.target_sum, run.target_count], ctx)
     heldout = _evaluate(runs, eval_pairs, step, None) if eval_pairs is not None else {}
-    summaries = {name: _summary(run, step, cfg, heldout.get(name)) for name, run in runs.items()}
-    for s in summaries.values():
-        s.autocast = None if autocast_dtype is None else str(autocast_dtype).removeprefix("torch.")
-        if source.collect_seconds > 0:
-            s.collect_tokens_per_second = source.collected_tokens / source.collect_seconds
-    return summaries
+    per_rank = distributed.gather_objects(
+        {"rows": len(source.rows), "seconds": source.collect_seconds, "tokens": source.collected_tokens}, ctx
+    )
+    result = FitResult({name: _summary(run, step, cfg, heldout.get(name)) for name, run in runs.items()})
+    result.distributed = {
+        "world_size": ctx.world_size,
+        "rows_per_rank": [r["rows"] for r in per_rank],
+        "collect_seconds_per_rank": [r["seconds"] for r in per_rank],
+        "collected_tokens_per_rank": [r["tokens"] for r in per_rank],
+    }
+    result.memory = memory
+    collect_seconds = max(r["seconds"] for r in per_rank)
+    for s in result.values():
+        s.autocast = train_precision
+        if collect_seconds > 0:
+            s.collect_tokens_per_second = sum(r["tokens"] for r in per_rank) / collect_seconds
+    return result
+
+
+_WINDOW = ("loss", "nmse", "l0", "aux", "nonfinite")
+"""The per-module sums a logging window accumulates on the device (each process's share
+of every step's global value: summed over the processes they are the global values)."""
+
+
+@dataclass
+class _ModuleRun:
+    name: str
+    layer: int
+    module: Replacement
+    optimizer: torch.optim.Optimizer
+    since_fired: Tensor
+    target_sum: Tensor
+    """This process's sum of targets (all processes' after a resume on rank 0)."""
+    target_count: Tensor
+    window: Tensor
+    """`_WINDOW` sums since the last log, on the device."""
+    window_steps: int = 0
+    fired: Tensor | None = None
+    """This step's fired-unit counts (this process's tokens), until the synchronised step."""
+    seconds: float = 0.0
+    last: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def extra(self, target_sum: Tensor, target_count: Tensor) -> ModuleCheckpoint:
+        return ModuleCheckpoint(
+            self.optimizer.state_dict(),
+            {"since_fired": self.since_fired, "target_sum": target_sum, "target_count": target_count,
+             "seconds": torch.tensor([self.seconds], dtype=torch.float64)},
+        )
 
 
 def _train_step(
-    run: _ModuleRun, x: Tensor, y: Tensor, lr: float, step: int, cfg: TrainerConfig, autocast, aux_k: int
+    run: _ModuleRun, x: Tensor, y: Tensor, select: Tensor | None, step: int, cfg: TrainerConfig, autocast,
+    aux_k: int, ctx: distributed.DistContext,
 ) -> None:
+    """This process's share of one module's step: forward, loss (normalised by global
+    sums), backward. The gradient is summed over the processes in `_synchronised_step`."""
     module = run.module
+    batch = cfg.batch_size  # every global batch holds exactly batch_size tokens
     if step == 0 and cfg.init_bias_from_data:
         with torch.no_grad():
-            module.b_dec.copy_(y.mean(0).to(module.b_dec.dtype))
+            total_y = distributed.all_reduce_(y.double().sum(0), ctx)
+            module.b_dec.copy_((total_y / batch).to(module.b_dec.dtype))
+    if step == 0:  # data-dependent inits (options; statistics all-reduced like the bias's)
+        data_init.init_from_data_(module, x, cfg, ctx)
     dead = run.since_fired >= cfg.dead_tokens
+    use_aux = cfg.aux_coeff > 0
     with autocast:
         out = train_forward(module, x)
-        loss = nmse_loss(out.y_hat, y, cfg.loss_norm)
-        aux = aux_k_loss(module, x, out, y, dead.to(x.device), aux_k, cfg.aux_tokens) if cfg.aux_coeff > 0 else None
-        total = loss if aux is None else loss + cfg.aux_coeff * aux
-    if not torch.isfinite(total):
-        raise FloatingPointError(f"module {run.name!r}: the loss became {float(total)} at step {step}")
+        err_tok = (out.y_hat.float() - y.float()).pow(2).sum(-1)
+        energy_tok = y.float().pow(2).sum(-1)
+        sums = [energy_tok.sum()]
+        if use_aux:
+            aux_err, aux_energy = _aux_terms(module, x, out, y, dead, aux_k, select)
+            sums.append(aux_energy)
+        sums = distributed.all_reduce_(torch.stack(sums).detach(), ctx)  # global denominators
+        nmse_part = err_tok.sum() / sums[0].clamp_min(1e-12)
+        if cfg.loss_norm == "batch":
+            loss = nmse_part
+        else:
+            loss = (err_tok / energy_tok.clamp_min(1e-12)).sum() / batch
+        aux = aux_err / sums[1].clamp_min(1e-12) * dead.any() if use_aux else torch.zeros((), device=x.device)
+        total = loss + cfg.aux_coeff * aux
     total.backward()
-    module.before_optimizer_step()
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    module.after_optimizer_step()
-
     with torch.no_grad():
         active = out.sparse.values > 0
-        fired = torch.zeros(module.n_units, dtype=torch.bool, device=x.device)
-        fired[out.sparse.indices[active]] = True
-        run.since_fired += x.shape[0]
-        run.since_fired[fired.cpu()] = 0
-        run.target_sum += y.double().sum(0).cpu()
+        # counts via index_add_ (no boolean indexing: no host synchronisation)
+        run.fired = torch.zeros(module.n_units, dtype=torch.float32, device=x.device)
+        run.fired.index_add_(0, out.sparse.indices.flatten(), active.flatten().float())
+        run.target_sum += y.double().sum(0)
         run.target_count += y.shape[0]
-        w = run.window
-        w["loss"] += float(total)
-        w["nmse"] += float(nmse_loss(out.y_hat, y, "batch"))
-        w["l0"] += float(active.sum(-1).float().mean())
-        w["aux"] += 0.0 if aux is None else float(aux)
-        w["n"] += 1
+        run.window += torch.stack([
+            total.detach().double(), nmse_part.detach().double(), active.sum().double() / batch,
+            aux.detach().double(), (~torch.isfinite(total.detach())).double(),
+        ])
+        run.window_steps += 1
 
 
-def _log(runs: Mapping[str, _ModuleRun], step: int, cfg: TrainerConfig, bar, wandb_run) -> None:
+def _synchronised_step(runs: Mapping[str, _ModuleRun], lr: float, cfg: TrainerConfig, ctx) -> None:
+    """Sum every module's gradients and fired counts over the processes (one collective
+    per dtype), then step every optimiser: the same update on every process."""
+    params = [p for run in runs.values() for p in run.module.parameters() if p.requires_grad]
+    for p in params:  # an unused parameter gets a zero gradient on every process alike
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    distributed.all_reduce_many_([p.grad for p in params] + [run.fired for run in runs.values()], ctx)
+    for run in runs.values():
+        module = run.module
+        module.before_optimizer_step()
+        data_init.constrain_grads_(module, cfg)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        module.after_optimizer_step()
+        data_init.constrain_rows_(module, cfg)
+        with torch.no_grad():
+            run.since_fired += cfg.batch_size
+            run.since_fired.masked_fill_(run.fired > 0, 0)
+        run.fired = None
+
+
+def _log(runs: Mapping[str, _ModuleRun], step: int, cfg: TrainerConfig, bar, wandb_run, ctx) -> None:
+    """Read the windows (the one host synchronisation, every log_every steps)."""
+    names = list(runs)
+    windows = torch.stack([runs[n].window for n in names])
+    distributed.all_reduce_(windows, ctx)
+    dead = torch.stack([(runs[n].since_fired >= cfg.dead_tokens).double().mean() for n in names])
+    windows, dead = windows.tolist(), dead.tolist()
     postfix = []
     metrics = {}
-    for run in runs.values():
-        w = run.window
-        n = max(w["n"], 1)
+    for name, w, d in zip(names, windows, dead):
+        run = runs[name]
+        values = dict(zip(_WINDOW, w))
+        n = max(run.window_steps, 1)
+        if values["nonfinite"] > 0:
+            raise FloatingPointError(
+                f"module {run.name!r}: the loss became non-finite in {int(values['nonfinite'])} of the steps "
+                f"{step - run.window_steps + 1}..{step}"
+            )
         run.last = {
             "step": step,
-            "loss": w["loss"] / n,
-            "nmse": w["nmse"] / n,
-            "l0": w["l0"] / n,
-            "aux": w["aux"] / n,
-            "dead": float((run.since_fired >= cfg.dead_tokens).float().mean()),
+            "loss": values["loss"] / n,
+            "nmse": values["nmse"] / n,
+            "l0": values["l0"] / n,
+            "aux": values["aux"] / n,
+            "dead": d,
             "lr": run.optimizer.param_groups[0]["lr"],
         }
         run.history.append(dict(run.last))
-        run.window = {k: 0.0 for k in w} | {"n": 0}
+        run.window.zero_()
+        run.window_steps = 0
         postfix.append(f"{run.name} nmse={run.last['nmse']:.3f} L0={run.last['l0']:.0f} dead={run.last['dead']:.0%}")
         metrics.update({f"{run.name}/{k}": v for k, v in run.last.items() if k != "step"})
     bar.set_postfix_str("; ".join(postfix), refresh=False)
@@ -400,15 +635,24 @@ def _summary(run: _ModuleRun, step: int, cfg: TrainerConfig, heldout: float | No
         seconds=run.seconds,
         tokens_per_second=tokens / run.seconds if run.seconds > 0 else float("nan"),
         heldout_nmse=heldout,
-        target_mean=(run.target_sum / max(count, 1.0)).float(),
+        target_mean=(run.target_sum / max(count, 1.0)).float().cpu(),
         history=run.history,
     )
 
 
-def _checkpoint(cfg: TrainerConfig, runs: Mapping[str, _ModuleRun], step: int, position: DataPosition, source) -> None:
+def _checkpoint(cfg: TrainerConfig, runs: Mapping[str, _ModuleRun], step: int, position: DataPosition, ctx) -> None:
+    """Every process takes part (the target sums are summed over them); rank 0 writes."""
+    targets = {}
+    for name, r in runs.items():
+        pair = [r.target_sum.clone(), r.target_count.clone()]
+        distributed.all_reduce_many_(pair, ctx)
+        targets[name] = pair
+    if not ctx.is_main:
+        return
     state = {
         "position": position.to_dict(),
         "config": cfg.to_dict(),
+        "distributed": {"world_size": ctx.world_size},
         "modules": {name: {"layer": r.layer, "architecture": r.module.architecture} for name, r in runs.items()},
         "history": {name: r.history for name, r in runs.items()},
         "last": {name: r.last for name, r in runs.items()},
@@ -416,17 +660,27 @@ def _checkpoint(cfg: TrainerConfig, runs: Mapping[str, _ModuleRun], step: int, p
     save_checkpoint(
         cfg.checkpoint_dir, step, state,
         {name: r.module for name, r in runs.items()},
-        {name: r.extra() for name, r in runs.items()},
+        {name: r.extra(*targets[name]) for name, r in runs.items()},
         keep=cfg.keep_checkpoints,
     )
 
 
-def _resume(cfg: TrainerConfig, runs: Mapping[str, _ModuleRun]) -> tuple[int, DataPosition]:
-    """Load the latest checkpoint into `runs`; (0, start) if there is none yet."""
+def _resume(cfg: TrainerConfig, runs: Mapping[str, _ModuleRun], ctx) -> tuple[int, DataPosition]:
+    """Load the latest checkpoint into `runs` (every process reads it); (0, start) if
+    there is none yet."""
     path = latest_checkpoint(cfg.checkpoint_dir)
+    found = distributed.gather_objects(None if path is None else path.name, ctx)
+    if len(set(found)) != 1:
+        raise RuntimeError(f"the processes see different latest checkpoints in {cfg.checkpoint_dir}: {found}")
     if path is None:
         return 0, DataPosition()
     ckpt = load_checkpoint(path)
+    saved_world = ckpt.state.get("distributed", {}).get("world_size", 1)
+    if saved_world != ctx.world_size:
+        raise ValueError(
+            f"{path} was written by {saved_world} process(es), this run has {ctx.world_size}; exact resumption "
+            f"needs the same number (launch with --nproc_per_node={saved_world})"
+        )
     saved = ckpt.state["modules"]
     if set(saved) != set(runs):
         raise ValueError(f"{path} holds modules {sorted(saved)} but this run trains {sorted(runs)}")
@@ -443,8 +697,9 @@ def _resume(cfg: TrainerConfig, runs: Mapping[str, _ModuleRun]) -> tuple[int, Da
         run.optimizer.load_state_dict(ckpt.extra[name].optimizer)
         t = ckpt.extra[name].tensors
         run.since_fired.copy_(t["since_fired"])
-        run.target_sum.copy_(t["target_sum"])
-        run.target_count.copy_(t["target_count"])
+        # the saved sums are every process's: rank 0 carries them on, the others restart at 0
+        run.target_sum.copy_(t["target_sum"] if ctx.is_main else torch.zeros_like(t["target_sum"]))
+        run.target_count.copy_(t["target_count"] if ctx.is_main else torch.zeros_like(t["target_count"]))
         run.seconds = float(t["seconds"][0])
         run.history = [nan_from_null(entry) for entry in ckpt.state["history"][name]]
         run.last = nan_from_null(ckpt.state["last"][name])
@@ -462,4 +717,4 @@ def _wandb(cfg: TrainerConfig):
     return wandb.init(project=cfg.wandb_project, config=cfg.to_dict())
 
 
-__all__ = ["fit", "TrainSummary", "train_forward", "nmse_loss", "aux_k_loss", "lr_at", "heldout_nmse", "StepOutput"]
+__all__ = ["fit", "FitResult", "TrainSummary", "train_forward", "nmse_loss", "aux_k_loss", "lr_at", "heldout_nmse", "StepOutput"]

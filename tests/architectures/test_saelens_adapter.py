@@ -176,7 +176,10 @@ def test_evaluate_many_beside_an_mxd(default_model, heldout_tokens, saelens_saes
         "skip_tc": {LAYER: mxd_lens.load(folders["skip_tc"])},  # mxd_lens.load of a SAE-Lens folder
         "jumprelu_tc_load": {LAYER: mxd_lens.load(folders["jumprelu_tc"])},
     }
-    report = evaluate_many(default_model, candidates, heldout_tokens, batch_size=8, progress=False)
+    # every position, as the direct references below (evaluate_many now leaves special ones out by default)
+    report = evaluate_many(
+        default_model, candidates, heldout_tokens, batch_size=8, progress=False, exclude_special_tokens=False
+    )
     x, y = mlp_io(default_model, heldout_tokens)
     with torch.no_grad():
         direct = {"mxd": tiny_mxd.reconstruct(x, hooked=False)}

@@ -65,8 +65,11 @@ def test_curve_points_match_hand_written_runs(tiny_model, tokens, make):
         assert curve.error_fraction == pytest.approx(frac_err, rel=1e-3, abs=1e-4)
     kinds = {k for k, *_ in curve.top_nodes}
     assert "error" in kinds and ("dense" in kinds) == (module.architecture == "mxd")
+    assert len(curve.metric) == len(curve.fraction)
+    assert curve.metric[-1] == pytest.approx(curve.full_patch_metric, rel=1e-4, abs=1e-5)
     fig = curve_figure([curve])
-    assert len(fig.data) == 1 and list(fig.data[0].y) == curve.fraction
+    assert len(fig.data) == 2  # the fraction (clipped) and the raw metric beside it
+    assert list(fig.data[0].customdata) == curve.fraction and list(fig.data[1].y) == curve.metric
 
 
 def test_curve_and_agreement_capture_each_batch_once(tiny_model, tokens):
@@ -105,28 +108,97 @@ def test_curve_rejects_bad_rank(tiny_model, tokens):
             faithfulness_curve(tiny_model, clean, corrupted, logit_diff(good, bad), LAYER, rank="top")
 
 
-def test_cli_circuit_writes_curves(default_model, tmp_path, capsys):
-    """`mxd-lens circuit DIR --n-prompts 2` on the default model with a saved (random) MxD."""
+def test_curve_figure_clips_fractions_of_a_tiny_denominator(tiny_model, tokens):
+    """A curve whose layer difference is near zero (fractions in the thousands of percent)
+    is drawn on the edge of the fraction axis; its raw metric is drawn as it is."""
+    from dataclasses import replace
+
+    from mxd_lens.circuits.figures import FRACTION_RANGE
+
+    clean, corrupted, good, bad = tokens
+    with attach(tiny_model, {LAYER: make_mxd()}, use_error_term=True):
+        curve = faithfulness_curve(tiny_model, clean, corrupted, logit_diff(good, bad), LAYER, n_points=8)
+    wild = replace(curve, fraction=[0.0, 120.0, -45.0] + curve.fraction[3:])
+    fig = curve_figure([wild])
+    y = list(fig.data[0].y)
+    assert y[1] == FRACTION_RANGE[1] and y[2] == FRACTION_RANGE[0] and list(fig.layout.yaxis.range) == list(FRACTION_RANGE)
+    assert list(fig.data[0].customdata)[:3] == [0.0, 120.0, -45.0]  # the true values, in the hover text
+    assert fig.data[0].marker.symbol[1] == "circle-open" and fig.data[0].marker.symbol[0] == "circle"
+    assert list(fig.data[1].y) == wild.metric
+
+
+@pytest.fixture(scope="module")
+def ioi2(default_model):
+    from mxd_lens.circuits import ioi_task
+
+    return ioi_task(default_model.tokenizer, 2)
+
+
+@pytest.fixture(scope="module")
+def shares2(default_model, ioi2):
+    from mxd_lens.circuits.curves import layer_shares
+
+    return layer_shares(default_model, ioi2.clean, ioi2.corrupted, ioi2.metric())
+
+
+def test_layer_shares_match_hand_patched_runs(default_model, ioi2, shares2):
+    model, task, shares = default_model, ioi2, shares2
+    assert len(shares.share) == model.cfg.n_layers
+    with torch.no_grad():
+        assert shares.clean_metric == pytest.approx(float(task.metric()(model(task.clean))), rel=1e-5)
+        assert shares.corrupted_metric == pytest.approx(float(task.metric()(model(task.corrupted))), rel=1e-5)
+        for layer in (0, 5, model.cfg.n_layers - 1):
+            name = f"blocks.{layer}.hook_mlp_out"
+            _, cache = model.run_with_cache(task.clean, names_filter=name)
+            m = float(task.metric()(model.run_with_hooks(task.corrupted, fwd_hooks=[(name, lambda a, hook: cache[name])])))
+            assert shares.patched_metric[layer] == pytest.approx(m, rel=1e-4, abs=1e-4)
+            share = (m - shares.corrupted_metric) / (shares.clean_metric - shares.corrupted_metric)
+            assert shares.share[layer] == pytest.approx(share, rel=1e-3, abs=1e-4)
+    assert shares.larger_than(0.5)[0] == 0  # layer 0's MLP carries SmolLM2's IOI difference
+
+
+def test_cli_circuit_refuses_a_layer_with_no_share(default_model, shares2, tmp_path, capsys):
+    """`mxd-lens circuit --run DIR --n-prompts 2` with saved (random) MxDs at layers 0 and 5.
+    Layer 5's MLP carries ~0 of the IOI difference: refused (naming its share and layer 0,
+    where it is larger) before any curve; with --force both curves are drawn and layer 5's
+    carries the warning."""
     import argparse
     import json
 
     from mxd_lens import MxD, MxDConfig
     from mxd_lens.circuits import add_subcommand
 
+    share5 = shares2.share[5]
+    assert abs(share5) < 0.05
     cfg = default_model.cfg
     torch.manual_seed(0)
-    mxd = MxD(MxDConfig(d_in=cfg.d_model, d_out=cfg.d_model, d_hidden=64, n_experts=64, k=4, act_fn=cfg.act_fn,
-                        glu=cfg.gated_mlp, layer=0))  # fmt: skip
-    with torch.no_grad():
-        mxd.W_out.normal_(0, 0.05)
-    mxd.save(tmp_path / "run" / "mxd_k4")
+    for layer in (0, 5):
+        mxd = MxD(MxDConfig(d_in=cfg.d_model, d_out=cfg.d_model, d_hidden=32, n_experts=32, k=4, act_fn=cfg.act_fn,
+                            glu=cfg.gated_mlp, layer=layer))  # fmt: skip
+        with torch.no_grad():
+            mxd.W_out.normal_(0, 0.05)
+        mxd.save(tmp_path / "run" / f"mxd_l{layer}")
     parser = argparse.ArgumentParser()
     add_subcommand(parser.add_subparsers())
-    args = parser.parse_args(["circuit", "--run", str(tmp_path / "run"), "--n-prompts", "2", "--out", str(tmp_path / "out")])
+    argv = ["circuit", "--run", str(tmp_path / "run"), "--n-prompts", "2", "--out", str(tmp_path / "out")]
+    args = parser.parse_args(argv)
+    with pytest.raises(ValueError, match=rf"layer 5's MLP carries {share5:.3f} of the behaviour.*L0 1\.00"):
+        args.func(args)
+    assert not (tmp_path / "out").exists()  # refused before --out is touched
+    capsys.readouterr()
+    args = parser.parse_args(argv + ["--force"])
     assert args.func(args) == 0
-    curves = json.loads((tmp_path / "out" / "curves.json").read_text())
-    assert curves[0]["label"] == "mxd_k4" and curves[0]["fraction"][-1] == pytest.approx(1.0, abs=1e-3)
+    captured = capsys.readouterr()
+    assert "WARNING: layer 5's MLP carries" in captured.err and "WARNING: layer 0" not in captured.err
+    assert "mxd_l5: layer 5" in captured.out and "UNRELIABLE" in captured.out.split("mxd_l5: layer 5")[1]
+    assert "80% at" in captured.out
+    records = json.loads((tmp_path / "out" / "curves.json").read_text())
+    assert [r["label"] for r in records] == ["mxd_l0", "mxd_l5"]
+    l0, l5 = records
+    assert l0["fraction"][-1] == pytest.approx(1.0, abs=1e-3) and l0["warning"] is None
+    assert l0["original_layer_share"] == pytest.approx(1.0, abs=0.05)
+    assert l5["layer"] == 5 and l5["original_layer_share"] == pytest.approx(share5, abs=1e-6)
+    assert "layers where it is at least 0.1: L0" in l5["warning"]
     assert (tmp_path / "out" / "curves.html").stat().st_size > 10_000
-    assert "80% at" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no modules given"):
         args.func(parser.parse_args(["circuit", "--out", str(tmp_path / "o2")]))

@@ -66,7 +66,7 @@ def test_dashboard_is_standalone_html(tiny_model, corpus, tmp_path):
         unit = most_active_units(acts, 1)[0]
         path = write_dashboard(tiny_model, acts, unit, tmp_path / "expert.html", n_contexts=4)
     text = path.read_text()
-    assert "plotly" in text.lower() and f"unit {unit}" in text and "top-activating contexts" in text
+    assert "plotly" in text.lower() and f"unit {unit}" in text and "activating contexts" in text
     assert not list(tmp_path.glob(".*tmp"))  # written atomically, no temp left
 
 

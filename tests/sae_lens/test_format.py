@@ -118,8 +118,11 @@ def test_fresh_sae_lens_modules_use_the_mxd_lens_init() -> None:
     assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(5))
     with pytest.raises(ValueError, match="k=9 is larger than n_experts=5"):
         saelens.MxDSAEConfig(d_in=8, d_sae=5, d_out=6, k=9, d_hidden=7)
-    with pytest.raises(ValueError, match="decoder norms"):
-        sae.fold_W_dec_norm()
+    # expert rows of norm 1: folding the decoder norms changes no weight (issue 12: it raised)
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    sae.fold_W_dec_norm()
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p, before[name], rtol=1e-6, atol=1e-7)
 
 
 def test_sparsity_file_when_firing_rates_are_known(tmp_path: Path) -> None:

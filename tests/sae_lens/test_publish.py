@@ -94,15 +94,15 @@ def test_dry_run_lays_out_the_repo(run_dir: Path, tmp_path: Path) -> None:
     assert not (out / "topk_transcoder_k3" / "sparsity.safetensors").exists()
 
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: saelens")
+    assert card.startswith("---\nlicense: apache-2.0\nlibrary_name: saelens")
     for text in (
         "layer 1 of **SmolLM2-135M-Instruct**",
-        "2,000,000 tokens",
-        "65,536 held-out tokens",
+        "2,000,000 training tokens per module",
+        "65,536 held-out predictions",
         "Clean model: 4.0104",
         "zero-ablated: 4.0914",
         "mean-ablated:\n4.0949",
-        "| `mxd_k3` | mxd | 3 | 1,000 | 0.1 | 4.0100 | 0.0123 | 4.00e-04 | 0.9 |",
+        "| `mxd_k3` | mxd | 3 | 1,000 | 0.1000 | 4.0100 | 0.0123 | 0.0004 | 0.900 | 0.0100 | 3.0 | 0.0% |",
         "| `topk_skip_transcoder_k3` | topk_skip_transcoder | 3 | 1,002 |",
         "| (not published) | mxd | 8 |",
         f'SAE.from_pretrained("{REPO}", "mxd_k3")',
