@@ -5,7 +5,14 @@
     mxd-lens train --methods mxd --ks 32 --layers 6,12 --out DIR [--checkpoint-every 100] [--resume]
     mxd-lens eval DIR/mxd_k32 DIR/transcoder_k32 [--out DIR]
     mxd-lens eval DIR                        a frontier run's numbers again, from its folder
-    mxd-lens circuit DIR/mxd_k32 --out DIR       mxd-lens publish DIR --repo user/name --dry-run
+    mxd-lens train --layers 0-29 --stream-activations --out DIR   every layer from one pass
+    torchrun --standalone --nproc_per_node=N -m mxd_lens train ...  data-parallel (N processes)
+    mxd-lens circuit DIR/mxd_k32 --out DIR   faithfulness curves (refuses layers that carry nothing)
+    mxd-lens dashboard DIR/mxd_k32 --top 5 --out DIR
+    mxd-lens probe --run DIR --tasks language,topic,book --out DIR
+    mxd-lens steer --run DIR --out DIR
+    mxd-lens export --format circuit-tracer|sparsify DIR --out DIR
+    mxd-lens publish DIR --repo user/name --dry-run
 
 Bad input ends with one line on stderr and a non-zero exit status, before any model is
 loaded where that can be told, and always before `--out` is touched: a failed command

@@ -153,20 +153,28 @@ def _cache_is_complete(folder: Path) -> bool:
     )
 
 
+def debs_from_env(var: str, packages: Sequence[str], alternative: str) -> dict[str, Path] | None:
+    """The newest `<package>_*.deb` of each package in the folder named by $`var` (None when
+    unset); a clear error naming the missing packages and `alternative` otherwise."""
+    given = os.environ.get(var, "").strip()
+    if not given:
+        return None
+    folder = Path(given).expanduser()
+    found = {deb: sorted(folder.glob(f"{deb}_*.deb")) for deb in packages}
+    missing = [deb for deb, paths in found.items() if not paths]
+    if missing:
+        raise RuntimeError(
+            f"{var}={given} holds no {', '.join(m + '_*.deb' for m in missing)}; put the .deb files there {alternative}."
+        )
+    return {deb: paths[-1] for deb, paths in found.items()}
+
+
 def _obtain_debs(work: Path) -> dict[str, Path]:
     """Paths of the two .deb files: from $MXD_LENS_CORPUS_DEBS, an earlier fetch
     kept in the cache, or ``apt-get download``."""
-    given = os.environ.get(DEBS_ENV_VAR, "").strip()
-    if given:
-        folder = Path(given).expanduser()
-        found = {deb: sorted(folder.glob(f"{deb}_*.deb")) for deb in _DEBS}
-        missing = [deb for deb, paths in found.items() if not paths]
-        if missing:
-            raise RuntimeError(
-                f"{DEBS_ENV_VAR}={given} holds no {', '.join(m + '_*.deb' for m in missing)}; "
-                f"put the .deb files there {_ALTERNATIVE}."
-            )
-        return {deb: paths[-1] for deb, paths in found.items()}
+    given = debs_from_env(DEBS_ENV_VAR, _DEBS, _ALTERNATIVE)
+    if given is not None:
+        return given
     kept = default_corpus_folder() / "debs"  # packages from an earlier fetch
     if all(list(kept.glob(f"{deb}_*.deb")) for deb in _DEBS):
         return {deb: sorted(kept.glob(f"{deb}_*.deb"))[-1] for deb in _DEBS}

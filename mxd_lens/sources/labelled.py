@@ -37,7 +37,9 @@ from typing import Callable, Iterable, Sequence
 
 from mxd_lens.atomic import copy_file, write_text
 from mxd_lens.sources.cache import mxd_lens_cache_dir
-from mxd_lens.sources.corpus import _BOOKS, _apt_download, _paragraphs, _run, prepare_default_corpus, split_chapters
+from mxd_lens.sources.corpus import (
+    _BOOKS, _apt_download, _paragraphs, _run, debs_from_env, prepare_default_corpus, split_chapters,
+)
 
 __all__ = [
     "LABELLED_DEBS_ENV_VAR",
@@ -183,17 +185,9 @@ def prepare_fortunes() -> Path:
 def _obtain_debs(work: Path, manifest: dict | None) -> dict[str, Path]:
     """The fortune packages: from $MXD_LENS_LABELLED_DEBS, those kept from an earlier
     fetch (if their SHA-256 matches the manifest), or ``apt-get download``."""
-    given = os.environ.get(LABELLED_DEBS_ENV_VAR, "").strip()
-    if given:
-        folder = Path(given).expanduser()
-        found = {p: sorted(folder.glob(f"{p}_*.deb")) for p in _PACKAGES}
-        missing = [p for p, paths in found.items() if not paths]
-        if missing:
-            raise RuntimeError(
-                f"{LABELLED_DEBS_ENV_VAR}={given} holds no {', '.join(m + '_*.deb' for m in missing)}; "
-                f"put the .deb files there {_ALTERNATIVE}."
-            )
-        return {p: paths[-1] for p, paths in found.items()}
+    given = debs_from_env(LABELLED_DEBS_ENV_VAR, _PACKAGES, _ALTERNATIVE)
+    if given is not None:
+        return given
     kept = labelled_folder() / "debs"
     known = (manifest or {}).get("packages", {})
     found = {p: sorted(kept.glob(f"{p}_*.deb")) for p in _PACKAGES}
