@@ -58,18 +58,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def steering_figure(results: dict):
     import plotly.graph_objects as go
 
+    from mxd_lens import registry
+
     names = ["unit", "unit - random_unit", "unit - random_direction"]
     fig = go.Figure()
     for module, r in results.items():
         e = r["effects"]
+        try:  # the registry's colour of the module's method ('mxd_k32' -> mxd)
+            color = registry.color(registry.parse_module_folder_name(module)[0])
+        except ValueError:
+            color = None
         fig.add_trace(go.Bar(
-            name=module, x=names, y=[e[n]["mean"] for n in names],
+            name=module, x=names, y=[e[n]["mean"] for n in names], marker_color=color,
             error_y=dict(type="data", symmetric=False, array=[e[n]["high"] - e[n]["mean"] for n in names],
                          arrayminus=[e[n]["mean"] - e[n]["low"] for n in names]),
         ))
-    fig.update_layout(barmode="group", title="Steering: change in the share of generated tokens among the unit's "
-                      "top-context tokens (95% CI over units and prompts)", yaxis_title="effect on hit rate",
-                      height=450, width=900)
+    fig.update_layout(barmode="group", title="Steering: change in the share of generated tokens among the unit's top-context tokens"
+                      "<br><sup>95% bootstrap intervals over units and prompts; controls: an equally strong "
+                      "random unit, an equal-norm random direction</sup>",
+                      xaxis_title="effect measured", yaxis_title="effect on hit rate", template="plotly_white",
+                      height=480, width=1000)
     return fig
 
 

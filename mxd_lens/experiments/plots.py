@@ -42,8 +42,10 @@ def frontier_figure(
             row=1, col=1,
         )
         fig.add_trace(go.Scatter(x=ks, y=[r["nmse"] for r in rows], showlegend=False, **common), row=1, col=2)
-    for col in (1, 2):
-        fig.update_xaxes(title_text="K (active units per token)", type="log", row=1, col=col)
+    all_ks = sorted({r["k"] for r in results["rows"]})
+    for col in (1, 2):  # a tick at every K trained (plotly's log axis would label 20, 25, 30)
+        fig.update_xaxes(title_text="K (active units per token)", type="log", tickmode="array",
+                         tickvals=all_ks, ticktext=[str(k) for k in all_ks], row=1, col=col)
     fig.update_yaxes(title_text="delta CE (nats)", row=1, col=1)
     fig.update_yaxes(title_text="NMSE", type="log", row=1, col=2)
     if curves:
@@ -71,12 +73,13 @@ def frontier_figure(
         title += (
             f"<br><sup>special positions {'excluded' if excluded else 'included'} "
             f"({_pct(share)} of the MLP output energy, {_pct(b['excluded_ablation_share'])} of the zero-ablation "
-            f"effect sit there); zero-ablation cost {summary['ablation_cost']:.3f} nats; "
+            f"effect sit there); zero-ablation cost {summary['ablation_cost']:.3f} nats<br>dCE ratios: "
             + "; ".join(f"MxD/{registry.label(r['denominator'])} K={r['k']}: {_num(r['ratio'])} "
                         f"[{_num(r['low'])}, {_num(r['high'])}]" for r in summary["ratios"])
             + "</sup>"
         )
-    fig.update_layout(title=title, template="plotly_white", width=1150, height=480 * n_rows + 60)
+    fig.update_layout(title=title, template="plotly_white", width=1150, height=480 * n_rows + 90,
+                      margin=dict(t=130))
     return fig
 
 

@@ -114,7 +114,9 @@ def probe_figure(results: Sequence[TaskResult]):
                            hovertext=f"{r.method}: best of the top units, F1 {r.best_f1:.3f}"),
                 row=1, col=col,
             )
-        fig.update_xaxes(type="log", title_text="k (units in the probe)", row=1, col=col)
+        ticks = sorted({k for r in results if r.task == task for k in r.k_sparse})
+        fig.update_xaxes(type="log", title_text="k (units in the probe)", tickmode="array", tickvals=ticks,
+                         ticktext=[str(k) for k in ticks], row=1, col=col)
     fig.update_yaxes(title_text="test F1 (mean over one-vs-rest classes)", row=1, col=1)
     fig.update_layout(title="Sparse probing: F1 against k (stars: best single unit)", height=420,
                       width=max(520, 380 * len(tasks)))
