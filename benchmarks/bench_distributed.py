@@ -10,10 +10,12 @@ in the module steps, all-reduces included) and the ratios N=2 / N=1.
 Also the choice between the two ways of splitting the work when modules outnumber
 processes, measured on this machine at the run's sizes: data parallelism (this
 package: every process trains every module on its 1/N of each batch and all-reduces the
-gradients) against sparsify's module parallelism (every process trains M/N modules on
-the whole batch, so each batch's activations must be all-gathered). Both do the same
-FLOPs; what differs is the communication per step, timed here with gloo: one all-reduce
-of every module's gradients vs one all-gather of the batch's (input, output) pairs.
+gradients) against sparsify's module parallelism (`--parallel modules`: every process
+trains M/N modules on the whole batch, so each batch's activations are assembled from
+every process's share). Both modes are run end to end (N=2); training tokens/s counts the
+slowest rank's time in its module steps (communication included). The communication
+alone is also timed with gloo: one all-reduce of every module's gradients vs one
+all-gather of the batch's (input, output) pairs.
 
 On a 2-core machine (shared with other work) 2 processes cannot be faster than one
 process using both cores: this is a correctness and overhead check, not a speed-up.
@@ -54,12 +56,18 @@ def worker(args: argparse.Namespace) -> None:
     modules = {m: (args.layer, build_module(m, 32, sizes, args.layer, None, "float32", "cpu")) for m in ("mxd", "transcoder")}
     cfg = TrainerConfig(
         train_tokens=args.train_tokens, batch_size=1024, autocast=None, progress=False, log_every=1000,
+        parallel=args.parallel,
         activations=ActivationConfig(buffer_tokens=args.rows * 128, autocast=None),
     )
     start = time.perf_counter()
     result = fit(model, modules, tokens, cfg)
     wall = time.perf_counter() - start
-    train_seconds = sum(s.seconds for s in result.values())
+    # the ranks train concurrently: the slowest rank's time in the steps of the modules it
+    # trains (every module under data parallelism, its own under module parallelism)
+    owners = result.distributed["owners"] or {name: 0 for name in result}
+    train_seconds = max(
+        sum(s.seconds for name, s in result.items() if owners[name] == r) for r in set(owners.values())
+    )
     report = {
         "world_size": ctx.world_size,
         "distributed": result.distributed,
@@ -97,28 +105,31 @@ def main() -> None:
     p.add_argument("--width", type=int, default=8 * 576, help="transcoder width (the MxD is parameter-matched)")
     p.add_argument("--layer", type=int, default=12)
     p.add_argument("--comm-reps", type=int, default=5)
+    p.add_argument("--parallel", default="data", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
     reports = {}
-    for n in (1, 2):
+    for n, mode in ((1, "data"), (2, "data"), (2, "modules")):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "report.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                   __file__, "--worker", *sys.argv[1:]]
+                   __file__, "--worker", "--parallel", mode, *sys.argv[1:]]
             env = {**os.environ, "MXD_BENCH_OUT": str(out), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(2 // n)}
             subprocess.run(cmd, check=True, env=env, cwd=ROOT)
-            reports[n] = json.loads(out.read_text())
-    one, two = reports[1], reports[2]
+            reports[(n, mode)] = json.loads(out.read_text())
+    one, two, mod = reports[(1, "data")], reports[(2, "data")], reports[(2, "modules")]
     print(f"default model, layer {args.layer}, {args.rows} rows x 128 tokens, MxD + transcoder (width {args.width}), "
           f"K=32, batch 1024, {args.train_tokens} training tokens; OMP threads per process = 2 / N")
-    print(f"{'N':>3}{'rows per rank':>16}{'collect tok/s':>15}{'train tok/s':>13}{'wall s':>8}")
-    for n, r in reports.items():
-        print(f"{n:>3}{str(r['distributed']['rows_per_rank']):>16}{r['collect_tok_s']:>15,.0f}{r['train_tok_s']:>13,.0f}"
-              f"{r['wall_s']:>8.1f}")
-    print(f"ratio N=2 / N=1: collection {two['collect_tok_s'] / one['collect_tok_s']:.2f}x, "
+    print(f"{'N':>3}{'parallel':>10}{'rows per rank':>16}{'collect tok/s':>15}{'train tok/s':>13}{'wall s':>8}")
+    for (n, mode), r in reports.items():
+        print(f"{n:>3}{mode:>10}{str(r['distributed']['rows_per_rank']):>16}{r['collect_tok_s']:>15,.0f}"
+              f"{r['train_tok_s']:>13,.0f}{r['wall_s']:>8.1f}")
+    print(f"ratio N=2 / N=1 (data): collection {two['collect_tok_s'] / one['collect_tok_s']:.2f}x, "
           f"training {two['train_tok_s'] / one['train_tok_s']:.2f}x")
+    print(f"ratio N=2 modules / N=2 data: training {mod['train_tok_s'] / two['train_tok_s']:.2f}x "
+          f"(batch assembly {mod['distributed']['assemble_seconds']:.2f} s on rank 0 in all)")
     c = two["comm"]
     print(f"per step, 2 processes (gloo): all-reduce of the gradients ({c['grad_bytes'] / 2**20:.1f} MiB) "
           f"{c['allreduce_grads_s'] * 1e3:.1f} ms vs all-gather of one layer's batch activations "

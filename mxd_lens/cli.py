@@ -192,6 +192,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--warm-start-dense", "trainer.warm_start_dense", "training"),
     Flag("--expert-init-noise", "trainer.expert_init_noise", "training"),
     Flag("--seed", "trainer.seed", "training"),
+    Flag("--parallel", "trainer.parallel", "training"),
     Flag("--autocast", "trainer.autocast", "training", parse=_autocast, metavar="{auto,bfloat16,float16,none}"),
     Flag("--collect-autocast", "trainer.activations.autocast", "training", parse=_autocast,
          metavar="{auto,bfloat16,float16,none}"),

@@ -15,6 +15,7 @@ from mxd_lens.validation import check_positive_int as _check_positive
 
 LossNorm = Literal["batch", "token"]
 Schedule = Literal["constant", "cosine"]
+Parallel = Literal["data", "modules"]
 
 
 def _check_dtype(name: str, value: str | None) -> None:
@@ -188,6 +189,16 @@ class TrainerConfig(JsonConfig):
     """Show a tqdm progress bar."""
     wandb_project: str | None = None
     """Log to this Weights & Biases project (needs `wandb`; off by default)."""
+    parallel: Parallel = "data"
+    """How several processes (torchrun, a process group) share the work; one process
+    ignores it. Both collect disjoint shares of the rows and give the modules of one
+    process. 'data': every process trains every module on its tokens of each global
+    batch, gradients all-reduced every step (moves every module's gradients). 'modules'
+    (as sparsify's distribute_modules): the batches are assembled from all processes'
+    shares (one all-reduce of the activations per step) and each process trains only its
+    modules (sorted names, module i on rank i % N) on the full batch; ranks without a
+    module only collect. Better when modules outnumber processes and their gradients
+    outweigh a batch's activations (docs/scaling.md has the measurement)."""
     activations: ActivationConfig = field(default_factory=ActivationConfig)
     """How the activations are collected."""
 
@@ -208,6 +219,8 @@ class TrainerConfig(JsonConfig):
             raise ValueError(f"schedule={self.schedule!r}; expected 'constant' or 'cosine'")
         if self.loss_norm not in ("batch", "token"):
             raise ValueError(f"loss_norm={self.loss_norm!r}; expected 'batch' or 'token'")
+        if self.parallel not in ("data", "modules"):
+            raise ValueError(f"parallel={self.parallel!r}; expected 'data' or 'modules'")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must lie in [0, 1]")
         if self.aux_k is not None:

@@ -142,6 +142,25 @@ def broadcast_module_(module: torch.nn.Module, ctx: DistContext) -> None:
             dist.broadcast(t.data, src=0)
 
 
+def broadcast_many_(tensors: Sequence[Tensor], src: int, ctx: DistContext) -> None:
+    """Copy rank `src`'s values of several same-device tensors into every process's, in
+    place, with ONE collective per dtype (module parallelism: an owner's module state)."""
+    if not ctx.active or not tensors:
+        return
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    with torch.no_grad():
+        for group in groups.values():
+            flat = torch.cat([t.reshape(-1) for t in group])
+            dist.broadcast(flat, src=src)
+            offset = 0
+            for t in group:
+                n = t.numel()
+                t.copy_(flat[offset : offset + n].view_as(t))
+                offset += n
+
+
 def barrier(ctx: DistContext) -> None:
     """Wait until every process gets here (no-op for one process)."""
     if ctx.active:
@@ -153,6 +172,7 @@ __all__ = [
     "all_reduce_",
     "all_reduce_many_",
     "barrier",
+    "broadcast_many_",
     "broadcast_module_",
     "broadcast_object",
     "current",

@@ -216,6 +216,8 @@ def _aux_terms(
 def _to_device(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
     """A host batch on the training device: through a pinned buffer and an asynchronous
     copy on CUDA (the caching host allocator keeps the buffer until the copy is done)."""
+    if t.device == device:  # already there (module parallelism assembles batches on the device)
+        return t.to(dtype)
     if device.type == "cuda":
         pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         pinned.copy_(t)
@@ -289,6 +291,18 @@ def fit(
     resolved once on rank 0 and broadcast. `on_step`, held-out evaluation, progress bars
     and checkpoint writing happen on rank 0 only (checkpoints must be readable by every
     rank on resume, and resume needs the same number of processes).
+
+    Module parallelism (`cfg.parallel='modules'`, as sparsify's distribute_modules).
+    Collection is shared as above, but each global batch is then assembled whole on
+    every process (each scatters its tokens into their slots, one all-reduce SUM per
+    step over every layer's pairs: a sum with zeros, so the batch is bit-for-bit what
+    one process serves), and each process trains only the modules it owns (the sorted
+    names, module i on rank i % N) exactly as one process would, with no collective in
+    the step. Ranks that own no module (fewer modules than processes) only collect.
+    Before anything rank 0 needs (`on_step`, held-out evaluation, checkpoints, the
+    result) the owners broadcast their modules' state to rank 0; checkpoints then
+    hold every module, and resume needs the same N and mode. On ranks other than 0
+    the returned modules that rank does not own are stale.
 
     Gradients are summed with an explicit all-reduce rather than DistributedDataParallel:
     the losses are already normalised by global quantities (DDP would average, i.e.
@@ -368,9 +382,15 @@ def fit(
         )
         for name, (layer, module) in modules.items()
     }
+    # module parallelism: `owned` are the modules this process trains, with no collective
+    # (`train_ctx` is a one-process context); data parallelism: every module, with `ctx`
+    modules_mode = ctx.active and cfg.parallel == "modules"
+    owner = {name: i % ctx.world_size if modules_mode else ctx.rank for i, name in enumerate(sorted(runs))}
+    owned = {name: run for name, run in runs.items() if owner[name] == ctx.rank}
+    train_ctx = distributed.DistContext() if modules_mode else ctx
     step, position = 0, DataPosition()
     if cfg.resume:
-        step, position = _resume(cfg, runs, ctx)
+        step, position = _resume(cfg, runs, ctx, modules_mode)
 
     memory = {
         "layers": len(layers),
@@ -408,44 +428,71 @@ def fit(
     bar = tqdm(total=total, initial=step, disable=not show, desc="train", dynamic_ncols=True)
     source.status = bar if show else None
     stream = source.shares(cfg.batch_size, position)
+    # rank 0 alone holds on_step and the held-out pairs; module parallelism's collectives
+    # before them must run on every process alike
+    wants_step, has_eval = distributed.broadcast_object((on_step is not None, eval_pairs is not None), ctx)
+    assemble_seconds = 0.0
     try:
         while step < total:
             share = next(stream)
             position = share.position
+            data, slots = share.data, share.slots
+            if modules_mode:
+                t1 = time.perf_counter()
+                data = _assemble_batch(share, cfg.batch_size, device, ctx)
+                slots = torch.arange(cfg.batch_size)
+                assemble_seconds += time.perf_counter() - t1
+                for run in owned.values():
+                    run.seconds += (time.perf_counter() - t1) / len(owned)
             lr = lr_at(step, cfg)
             select = None
             if cfg.aux_coeff > 0 and cfg.aux_tokens is not None:
-                select = (share.slots < cfg.aux_tokens).nonzero().flatten().to(device, non_blocking=True)
+                select = (slots < cfg.aux_tokens).nonzero().flatten().to(device, non_blocking=True)
             on_device: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor]] = {}
-            for run in runs.values():
+            for run in owned.values():
                 key = (run.layer, run.module.dtype)
                 if key not in on_device:
-                    x, y = share.data[run.layer]
+                    x, y = data[run.layer]
                     on_device[key] = (_to_device(x, device, run.module.dtype), _to_device(y, device, torch.float32))
                 x, y = on_device[key]
                 t1 = time.perf_counter()
-                _train_step(run, x, y, select, step, cfg, autocast, cfg.aux_k or aux_k_default, ctx)
+                _train_step(run, x, y, select, step, cfg, autocast, cfg.aux_k or aux_k_default, train_ctx)
                 run.seconds += time.perf_counter() - t1
             t1 = time.perf_counter()
-            _synchronised_step(runs, lr, cfg, ctx)
-            for run in runs.values():
-                run.seconds += (time.perf_counter() - t1) / len(runs)
+            _synchronised_step(owned, lr, cfg, train_ctx)
+            for run in owned.values():
+                run.seconds += (time.perf_counter() - t1) / len(owned)
             step += 1
             bar.update(1)
-            if on_step is not None and ctx.is_main:
-                on_step(step, {name: run.module for name, run in runs.items()})
+            if wants_step:
+                if modules_mode:
+                    _sync_to_main(runs, owned, owner, ctx, full=False)
+                if ctx.is_main:
+                    on_step(step, {name: run.module for name, run in runs.items()})
             if step % cfg.log_every == 0 or step == total:
-                _log(runs, step, cfg, bar, wandb_run, ctx)
-            if eval_pairs is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                _evaluate(runs, eval_pairs, step, wandb_run)
+                _log(owned, step, cfg, bar, wandb_run, train_ctx)
+            if has_eval and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                if modules_mode:
+                    _sync_to_main(runs, owned, owner, ctx, full=False)
+                scores = _evaluate(runs, eval_pairs, step, wandb_run) if eval_pairs is not None else None
+                if modules_mode:  # the owners keep the history: they hear the scores
+                    scores = distributed.broadcast_object(scores, ctx)
+                    if not ctx.is_main:
+                        for name, run in owned.items():
+                            run.history.append({"step": step, "heldout_nmse": scores[name]})
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total):
-                _checkpoint(cfg, runs, step, position, ctx)
+                if modules_mode:
+                    _sync_to_main(runs, owned, owner, ctx, full=True)
+                _checkpoint(cfg, runs, step, position, ctx, reduce_targets=not modules_mode)
     finally:
         bar.close()
         if wandb_run is not None:
             wandb_run.finish()
-    for run in runs.values():  # the target means over every process's tokens
-        distributed.all_reduce_many_([run.target_sum, run.target_count], ctx)
+    if modules_mode:  # every module's state on rank 0 (its target sums are its owner's, whole)
+        _sync_to_main(runs, owned, owner, ctx, full=True)
+    else:
+        for run in runs.values():  # the target means over every process's tokens
+            distributed.all_reduce_many_([run.target_sum, run.target_count], ctx)
     heldout = _evaluate(runs, eval_pairs, step, None) if eval_pairs is not None else {}
     per_rank = distributed.gather_objects(
         {"rows": len(source.rows), "seconds": source.collect_seconds, "tokens": source.collected_tokens}, ctx
@@ -453,6 +500,9 @@ def fit(
     result = FitResult({name: _summary(run, step, cfg, heldout.get(name)) for name, run in runs.items()})
     result.distributed = {
         "world_size": ctx.world_size,
+        "parallel": "modules" if modules_mode else "data",
+        "owners": owner if modules_mode else None,
+        "assemble_seconds": assemble_seconds,
         "rows_per_rank": [r["rows"] for r in per_rank],
         "collect_seconds_per_rank": [r["seconds"] for r in per_rank],
         "collected_tokens_per_rank": [r["tokens"] for r in per_rank],
@@ -572,6 +622,8 @@ def _synchronised_step(runs: Mapping[str, _ModuleRun], lr: float, cfg: TrainerCo
 def _log(runs: Mapping[str, _ModuleRun], step: int, cfg: TrainerConfig, bar, wandb_run, ctx) -> None:
     """Read the windows (the one host synchronisation, every log_every steps)."""
     names = list(runs)
+    if not names:  # module parallelism: a process that owns no module
+        return
     windows = torch.stack([runs[n].window for n in names])
     distributed.all_reduce_(windows, ctx)
     dead = torch.stack([(runs[n].since_fired >= cfg.dead_tokens).double().mean() for n in names])
@@ -640,19 +692,25 @@ def _summary(run: _ModuleRun, step: int, cfg: TrainerConfig, heldout: float | No
     )
 
 
-def _checkpoint(cfg: TrainerConfig, runs: Mapping[str, _ModuleRun], step: int, position: DataPosition, ctx) -> None:
-    """Every process takes part (the target sums are summed over them); rank 0 writes."""
+def _checkpoint(
+    cfg: TrainerConfig, runs: Mapping[str, _ModuleRun], step: int, position: DataPosition, ctx,
+    reduce_targets: bool = True,
+) -> None:
+    """Every process takes part (the target sums are summed over them unless
+    `reduce_targets` is False: module parallelism, whose owners hold whole sums); rank 0
+    writes."""
     targets = {}
     for name, r in runs.items():
         pair = [r.target_sum.clone(), r.target_count.clone()]
-        distributed.all_reduce_many_(pair, ctx)
+        if reduce_targets:
+            distributed.all_reduce_many_(pair, ctx)
         targets[name] = pair
     if not ctx.is_main:
         return
     state = {
         "position": position.to_dict(),
         "config": cfg.to_dict(),
-        "distributed": {"world_size": ctx.world_size},
+        "distributed": {"world_size": ctx.world_size} | ({"parallel": cfg.parallel} if ctx.active else {}),
         "modules": {name: {"layer": r.layer, "architecture": r.module.architecture} for name, r in runs.items()},
         "history": {name: r.history for name, r in runs.items()},
         "last": {name: r.last for name, r in runs.items()},
@@ -665,9 +723,12 @@ def _checkpoint(cfg: TrainerConfig, runs: Mapping[str, _ModuleRun], step: int, p
     )
 
 
-def _resume(cfg: TrainerConfig, runs: Mapping[str, _ModuleRun], ctx) -> tuple[int, DataPosition]:
+def _resume(
+    cfg: TrainerConfig, runs: Mapping[str, _ModuleRun], ctx, modules_mode: bool = False
+) -> tuple[int, DataPosition]:
     """Load the latest checkpoint into `runs` (every process reads it); (0, start) if
-    there is none yet."""
+    there is none yet. Under module parallelism every process keeps the saved target sums
+    (each module's owner carries them on alone)."""
     path = latest_checkpoint(cfg.checkpoint_dir)
     found = distributed.gather_objects(None if path is None else path.name, ctx)
     if len(set(found)) != 1:
@@ -680,6 +741,12 @@ def _resume(cfg: TrainerConfig, runs: Mapping[str, _ModuleRun], ctx) -> tuple[in
         raise ValueError(
             f"{path} was written by {saved_world} process(es), this run has {ctx.world_size}; exact resumption "
             f"needs the same number (launch with --nproc_per_node={saved_world})"
+        )
+    saved_parallel = ckpt.state.get("distributed", {}).get("parallel", "data")
+    if ctx.active and saved_parallel != cfg.parallel:
+        raise ValueError(
+            f"{path} was written with parallel={saved_parallel!r}, this run has parallel={cfg.parallel!r}; "
+            f"exact resumption needs the same mode (--parallel {saved_parallel})"
         )
     saved = ckpt.state["modules"]
     if set(saved) != set(runs):
@@ -698,13 +765,73 @@ def _resume(cfg: TrainerConfig, runs: Mapping[str, _ModuleRun], ctx) -> tuple[in
         t = ckpt.extra[name].tensors
         run.since_fired.copy_(t["since_fired"])
         # the saved sums are every process's: rank 0 carries them on, the others restart at 0
-        run.target_sum.copy_(t["target_sum"] if ctx.is_main else torch.zeros_like(t["target_sum"]))
-        run.target_count.copy_(t["target_count"] if ctx.is_main else torch.zeros_like(t["target_count"]))
+        keep = ctx.is_main or modules_mode
+        run.target_sum.copy_(t["target_sum"] if keep else torch.zeros_like(t["target_sum"]))
+        run.target_count.copy_(t["target_count"] if keep else torch.zeros_like(t["target_count"]))
         run.seconds = float(t["seconds"][0])
         run.history = [nan_from_null(entry) for entry in ckpt.state["history"][name]]
         run.last = nan_from_null(ckpt.state["last"][name])
     set_rng_state(ckpt.rng)
     return int(ckpt.state["step"]), DataPosition(**ckpt.state["position"])
+
+
+def _assemble_batch(share, batch_size: int, device: torch.device, ctx) -> dict[int, Pair]:
+    """Module parallelism: the whole global batch {layer: (x, y)}, on every process, in
+    the slot order one process serves. Each process scatters its tokens into their slots
+    of zero tensors and one all-reduce SUM per dtype fills the rest (every slot is held
+    by exactly one process, so the sum adds only zeros: exact)."""
+    full: dict[int, Pair] = {}
+    slots = share.slots.to(device)
+    for layer, (x, y) in share.data.items():
+        fx = torch.zeros((batch_size, x.shape[1]), dtype=x.dtype, device=device)
+        fy = torch.zeros((batch_size, y.shape[1]), dtype=y.dtype, device=device)
+        fx[slots], fy[slots] = x.to(device), y.to(device)
+        full[layer] = (fx, fy)
+    distributed.all_reduce_many_([t for pair in full.values() for t in pair], ctx)
+    return full
+
+
+def _to_cpu(value: Any) -> Any:
+    """`value` (nested dicts / lists of tensors, e.g. an optimizer state dict) with its
+    tensors on the host, to travel through `gather_objects`."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def _sync_to_main(
+    runs: Mapping[str, _ModuleRun], owned: Mapping[str, _ModuleRun], owner: Mapping[str, int], ctx, full: bool
+) -> None:
+    """Module parallelism: every module's parameters, buffers, dead-unit counters and
+    target sums from its owner into rank 0's copy (one broadcast per owner and dtype;
+    the other processes receive them too). `full` also moves what a checkpoint and the
+    result need: the optimizer state, time spent, history and last logged values."""
+    for rank in range(ctx.world_size):
+        tensors = []
+        for name in sorted(runs):
+            if owner[name] == rank:
+                run = runs[name]
+                tensors += [*run.module.parameters(), *run.module.buffers(), run.since_fired, run.target_sum,
+                            run.target_count]
+        distributed.broadcast_many_(tensors, rank, ctx)
+    if not full:
+        return
+    mine = {
+        name: {"optimizer": _to_cpu(run.optimizer.state_dict()), "seconds": run.seconds, "history": run.history,
+               "last": run.last}
+        for name, run in owned.items()
+    }
+    everyone = distributed.gather_objects(mine, ctx)
+    if ctx.is_main:
+        for theirs in everyone[1:]:
+            for name, state in theirs.items():
+                run = runs[name]
+                run.optimizer.load_state_dict(state["optimizer"])
+                run.seconds, run.history, run.last = state["seconds"], state["history"], state["last"]
 
 
 def _wandb(cfg: TrainerConfig):

@@ -9,6 +9,10 @@ that rounding into relative differences of ~1e-5 per tensor in these runs; reord
 tokens of each batch inside ONE process changes the result by as much. Without the
 gradient all-reduce the difference is ~1e-2, and perturbing rank 1's activations moves
 it far beyond the tolerance (test_rank_1s_work_reaches_the_result).
+
+Module parallelism (`--parallel modules`) is held to the same tolerance against the same
+one-process run; it trains each module on the whole batch in one process, so its
+difference comes from collection alone (~1e-7 here).
 """
 
 from __future__ import annotations
@@ -153,3 +157,35 @@ def test_resume_refuses_another_number_of_processes(tmp_path):
     state.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="written by 2 process.*this run has 1.*--nproc_per_node=2"):
         fit(tiny_model(), {"tc": (1, tiny_modules()["tc"])}, tiny_tokens(12), config(resume=True))
+
+
+@pytest.fixture(scope="module")
+def module_parallel(runs, tmp_path_factory):
+    """The same command with --parallel modules: uninterrupted, and killed after the
+    checkpoint of step 4 then resumed."""
+    tmp = tmp_path_factory.mktemp("modpar")
+    out = {name: tmp / name for name in ("modules", "resumed")}
+    _run(_torchrun("-m", "mxd_lens", *ARGS, "--parallel", "modules", "--out", str(out["modules"])))
+    killed = _run(_torchrun(str(WORKER), *ARGS, "--parallel", "modules", "--out", str(out["resumed"])), check=False,
+                  MXD_TEST_EXIT_AT_CHECKPOINT="4")
+    _run(_torchrun("-m", "mxd_lens", *ARGS, "--parallel", "modules", "--resume", "--out", str(out["resumed"])))
+    return {**out, "killed": killed}
+
+
+def test_module_parallelism_gives_the_modules_of_one_process(runs, module_parallel):
+    one, two = _modules(runs["one"]), _modules(module_parallel["modules"])
+    assert len(one) >= 3 * 3 and one.keys() == two.keys()
+    for key, a in one.items():
+        assert _rel(a, two[key]) <= 1e-4, f"{key}: relative difference {_rel(a, two[key]):.3g}"
+    assert _files(module_parallel["modules"]) == _files(runs["one"])
+    info = json.loads((module_parallel["modules"] / "training.json").read_text())["distributed"]
+    # both ranks trained (module i of the sorted names on rank i % 2) and both collected
+    assert info["parallel"] == "modules"
+    assert info["owners"] == {"mxd_k4": 0, "skip_transcoder_k4": 1, "transcoder_k4": 0}
+    assert sum(info["rows_per_rank"]) == ROWS and min(info["rows_per_rank"]) > 0
+    # exact resume after a kill, under the same N and mode
+    assert module_parallel["killed"].returncode != 0
+    resumed = _modules(module_parallel["resumed"])
+    for key, a in two.items():
+        torch.testing.assert_close(resumed[key], a, rtol=1e-6, atol=1e-9, msg=key)
+
