@@ -15,7 +15,9 @@ Stages (run in order; each reads the earlier ones' results from the JSON):
              unit-norm decoder rows (the MxD authors' recipe), unit-norm + centred
   levers     MxD at its best (lr, batch): centred / k-means gate, per-group lr multipliers,
              AuxK settings, expert-row spread, warm start from the MLP
-  all        the four in order
+  combos     option sets from --combos (JSON list) for every --methods at its best (lr, batch),
+             at --combo-seeds (the levers that helped, together; the winners' seeds)
+  all        grid, finalists, recipes, levers in order
 
 Resumable: results go to OUT/tune.json (atomically, after every fit); a setting already
 there is skipped, so the search can run in pieces (`--max-fits N` stops after N fits).
@@ -57,19 +59,25 @@ TRANSCODER_RECIPES: list[dict[str, Any]] = [
 """The transcoder recipes: sparsify's centred encoder (with its zero decoder) and the MxD
 authors' unit-norm decoder rows with the parallel gradient removed."""
 MXD_LEVERS: list[dict[str, Any]] = [
+    # first the levers the issue names (a --max-fits budget runs these)
     {"center_encoder": True},
     {"gate_init": "kmeans"},
-    {"gate_init": "kmeans", "center_encoder": True},
     {"gate_lr_scale": 0.3}, {"gate_lr_scale": 3.0},
-    {"experts_lr_scale": 0.3}, {"experts_lr_scale": 3.0},
-    {"dense_lr_scale": 0.3}, {"dense_lr_scale": 3.0},
-    {"aux_coeff": 0.0}, {"aux_coeff": 0.125}, {"aux_k": 64}, {"aux_k": 1024}, {"dead_tokens": 8192},
-    {"expert_init_noise": 0.3}, {"expert_init_noise": 3.0},
-    {"warm_start_dense": True, "expert_init_noise": 0.1, "init_bias_from_data": False},
+    {"dense_lr_scale": 0.3},
+    {"aux_coeff": 0.125},
+    {"expert_init_noise": 3.0},
     {"warm_start_dense": True, "expert_init_noise": 0.5, "init_bias_from_data": False},
+    # then the rest of the sweep
+    {"experts_lr_scale": 3.0}, {"experts_lr_scale": 0.3},
+    {"dense_lr_scale": 3.0},
+    {"aux_coeff": 0.0}, {"aux_k": 64}, {"aux_k": 1024}, {"dead_tokens": 8192},
+    {"expert_init_noise": 0.3},
+    {"gate_init": "kmeans", "center_encoder": True},
+    {"warm_start_dense": True, "expert_init_noise": 0.1, "init_bias_from_data": False},
     {"warm_start_dense": True, "expert_init_noise": 0.5, "init_bias_from_data": False, "center_encoder": True},
 ]
-"""MxD's levers, each tried alone on the best (lr, batch) (issue 11, item 2)."""
+"""MxD's levers, each tried alone on the best (lr, batch) (issue 11, item 2), the
+issue's named levers first."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +186,10 @@ def plan(stage: str, args: argparse.Namespace, results: dict[str, Any]) -> list[
             elif stage == "levers" and method == "mxd":
                 for lr, bs in best_plain(results, method, k):
                     out += [setting(method, k, lr, bs, 0, stage, o) for o in MXD_LEVERS]
+            elif stage == "combos":  # option sets given on the command line, at the best (lr, batch)
+                for lr, bs in best_plain(results, method, k):
+                    for o in args.combos:
+                        out += [setting(method, k, lr, bs, s, stage, o) for s in args.combo_seeds]
     return out
 
 
@@ -206,6 +218,7 @@ def run_group(model, cfg, sizes, train_rows, eval_rows, settings: list[Setting],
     report = evaluate_many(
         model, {n: {cfg.layer: m} for n, m in modules.items()}, eval_rows, batch_size=cfg.eval_batch_size,
         progress=args.progress, mean_ablation=False, exclude_special_tokens=cfg.exclude_special_tokens,
+        stack_candidates=cfg.eval_stack,
     )
     eval_seconds = time.perf_counter() - t0
     records = {}
@@ -296,7 +309,11 @@ def winners(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=["grid", "finalists", "recipes", "levers", "all", "report"], default="grid")
+    parser.add_argument("--stage", choices=["grid", "finalists", "recipes", "levers", "combos", "all", "report"],
+                        default="grid")
+    parser.add_argument("--combos", default="[]",
+                        help="stage combos: a JSON list of option sets, each run for every --methods at its best (lr, batch)")
+    parser.add_argument("--combo-seeds", default="0", help="stage combos: seeds of each option set")
     parser.add_argument("--out", default="benchmarks/results/tune")
     parser.add_argument("--methods", default="mxd,transcoder,skip_transcoder")
     parser.add_argument("--ks", default="32")
@@ -325,6 +342,8 @@ def main() -> None:
     args.lrs = [float(v) for v in args.lrs.split(",")]
     args.batch_sizes = [int(v) for v in args.batch_sizes.split(",")]
     args.seeds = [int(v) for v in args.seeds.split(",")]
+    args.combos = json.loads(args.combos)
+    args.combo_seeds = [int(v) for v in args.combo_seeds.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -28,6 +28,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import importlib  # noqa: E402
@@ -118,6 +119,16 @@ def _methods(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _per_method(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected JSON such as '{{\"mxd\": {{\"lr\": 0.001}}}}', got {text!r} ({err})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of method -> {{field: value}}, got {text!r}")
+    return value
+
+
 def _autocast(text: str) -> str | None:
     value = text.lower()
     value = "none" if value in ("off", "no", "float32") else value
@@ -191,6 +202,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--dense-lr-scale", "trainer.dense_lr_scale", "training"),
     Flag("--warm-start-dense", "trainer.warm_start_dense", "training"),
     Flag("--expert-init-noise", "trainer.expert_init_noise", "training"),
+    Flag("--per-method", "trainer.per_method", "training", parse=_per_method, metavar="JSON"),
     Flag("--seed", "trainer.seed", "training"),
     Flag("--parallel", "trainer.parallel", "training"),
     Flag("--autocast", "trainer.autocast", "training", parse=_autocast, metavar="{auto,bfloat16,float16,none}"),

@@ -84,7 +84,8 @@ class ActivationConfig(JsonConfig):
 
 @dataclass(kw_only=True)
 class TrainerConfig(JsonConfig):
-    """How replacement modules are trained (every module in a run gets the same settings)."""
+    """How replacement modules are trained (every module in a run gets the same settings,
+    except the per-method overrides of `per_method`)."""
 
     train_tokens: int = 1_000_000
     """Training tokens per module (several epochs over the activations if the token rows
@@ -201,10 +202,18 @@ class TrainerConfig(JsonConfig):
     outweigh a batch's activations (docs/scaling.md has the measurement)."""
     activations: ActivationConfig = field(default_factory=ActivationConfig)
     """How the activations are collected."""
+    per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Settings that differ by method, e.g. {"mxd": {"lr": 1e-3}, "transcoder":
+    {"center_encoder": True}}: keys are method or architecture names (`mxd_lens.registry`),
+    values override the `PER_MODULE_FIELDS` of this config for every module of that method
+    in a run (`for_architecture`). The modules of one run share their batches, so the
+    batch size, token budget and data settings cannot differ. The demo uses it for the
+    per-method winners of benchmarks/tune.py."""
 
     def __post_init__(self) -> None:
         if isinstance(self.activations, dict):
             self.activations = ActivationConfig.from_dict(self.activations)
+        self._check_per_method()
         _check_positive("train_tokens", self.train_tokens)
         _check_positive("batch_size", self.batch_size)
         _check_non_negative("warmup_steps", self.warmup_steps)
@@ -258,12 +267,62 @@ class TrainerConfig(JsonConfig):
                 f"batch_size={self.batch_size}; a chunk must hold at least one batch"
             )
 
+    def _check_per_method(self) -> None:
+        from mxd_lens import registry
+
+        if not isinstance(self.per_method, dict):
+            raise ValueError(f"per_method={self.per_method!r} must be a dict of method -> {{field: value}}")
+        seen: dict[str, str] = {}
+        for key, overrides in self.per_method.items():
+            arch = registry.get(key).name  # names the known methods on an unknown one
+            if arch in seen:
+                raise ValueError(f"per_method names architecture {arch!r} twice ({seen[arch]!r} and {key!r})")
+            seen[arch] = key
+            if not isinstance(overrides, dict):
+                raise ValueError(f"per_method[{key!r}]={overrides!r} must be a dict of field -> value")
+            bad = sorted(set(overrides) - set(PER_MODULE_FIELDS))
+            if bad:
+                raise ValueError(
+                    f"per_method[{key!r}] sets {bad}, which every module of a run shares or which is not a "
+                    f"TrainerConfig field; per-method fields are {list(PER_MODULE_FIELDS)}"
+                )
+            if overrides:
+                self.for_architecture(arch)  # validates the values as this config's own fields
+
+    def for_architecture(self, architecture: str) -> TrainerConfig:
+        """This config with `per_method`'s overrides for `architecture` (a cfg.json
+        architecture or a method name) applied, and no `per_method` of its own."""
+        from dataclasses import replace
+
+        from mxd_lens import registry
+
+        arch = registry.get(architecture).name
+        overrides: dict[str, Any] = {}
+        for key, values in self.per_method.items():
+            if registry.get(key).name == arch:
+                overrides = values
+        try:
+            return replace(self, per_method={}, **overrides)
+        except ValueError as e:
+            raise ValueError(f"per_method for {architecture!r}: {e}") from None
+
     @property
     def total_steps(self) -> int:
         """Optimiser steps of a run: ceil(train_tokens / batch_size)."""
         return -(-self.train_tokens // self.batch_size)
 
 
+
+
+PER_MODULE_FIELDS: tuple[str, ...] = (
+    "lr", "warmup_steps", "schedule", "min_lr_ratio", "beta1", "beta2", "init_bias_from_data",
+    "center_encoder", "zero_decoder", "unit_norm_decoder", "gate_init", "kmeans_iters",
+    "gate_lr_scale", "experts_lr_scale", "dense_lr_scale", "warm_start_dense", "expert_init_noise",
+    "aux_k", "aux_coeff", "dead_tokens",
+)
+"""The TrainerConfig fields `per_method` may set: what one module's optimiser,
+initialisation and revival use. Everything else (batches, budget, data, precision,
+processes, checkpoints) is shared by the modules of a run."""
 
 
 def __getattr__(name: str) -> Any:
@@ -274,4 +333,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'mxd_lens.training.config' has no attribute {name!r}")
 
 
-__all__ = ["ActivationConfig", "TrainerConfig"]
+__all__ = ["PER_MODULE_FIELDS", "ActivationConfig", "TrainerConfig"]

@@ -366,15 +366,17 @@ def fit(
 
     layers = sorted({layer for layer, _ in modules.values()})
     source = ActivationSource(model, layers, tokens, acfg, seed=cfg.seed)
+    # per-method settings (`TrainerConfig.per_method`): each module trains with its own
+    mcfg = {name: cfg.for_architecture(module.architecture) for name, (_, module) in modules.items()}
     for name, (layer, module) in modules.items():
         _record_sites(model, name, layer, module)
-        data_init.prepare_(module, model, layer, cfg)  # warm start / expert rows (options), before the broadcast
+        data_init.prepare_(module, model, layer, mcfg[name])  # warm start / expert rows (options), before the broadcast
         distributed.broadcast_module_(module, ctx)  # every process starts from rank 0's weights
 
     torch.manual_seed(cfg.seed)
     runs = {
         name: _ModuleRun(
-            name, layer, module, _make_optimizer(module, cfg),
+            name, layer, module, _make_optimizer(module, mcfg[name]), mcfg[name],
             since_fired=torch.zeros(module.n_units, dtype=torch.long, device=device),
             target_sum=torch.zeros(module.cfg.d_out, dtype=torch.float64, device=device),
             target_count=torch.zeros((), dtype=torch.float64, device=device),
@@ -444,9 +446,8 @@ def fit(
                 assemble_seconds += time.perf_counter() - t1
                 for run in owned.values():
                     run.seconds += (time.perf_counter() - t1) / len(owned)
-            lr = lr_at(step, cfg)
             select = None
-            if cfg.aux_coeff > 0 and cfg.aux_tokens is not None:
+            if any(run.cfg.aux_coeff > 0 for run in owned.values()) and cfg.aux_tokens is not None:
                 select = (slots < cfg.aux_tokens).nonzero().flatten().to(device, non_blocking=True)
             on_device: dict[tuple[int, torch.dtype], tuple[Tensor, Tensor]] = {}
             for run in owned.values():
@@ -456,10 +457,10 @@ def fit(
                     on_device[key] = (_to_device(x, device, run.module.dtype), _to_device(y, device, torch.float32))
                 x, y = on_device[key]
                 t1 = time.perf_counter()
-                _train_step(run, x, y, select, step, cfg, autocast, cfg.aux_k or aux_k_default, train_ctx)
+                _train_step(run, x, y, select, step, run.cfg, autocast, run.cfg.aux_k or aux_k_default, train_ctx)
                 run.seconds += time.perf_counter() - t1
             t1 = time.perf_counter()
-            _synchronised_step(owned, lr, cfg, train_ctx)
+            _synchronised_step(owned, step, train_ctx)
             for run in owned.values():
                 run.seconds += (time.perf_counter() - t1) / len(owned)
             step += 1
@@ -527,6 +528,8 @@ class _ModuleRun:
     layer: int
     module: Replacement
     optimizer: torch.optim.Optimizer
+    cfg: TrainerConfig
+    """This module's settings: the run's with its method's `per_method` overrides."""
     since_fired: Tensor
     target_sum: Tensor
     """This process's sum of targets (all processes' after a resume on rank 0)."""
@@ -595,9 +598,10 @@ def _train_step(
         run.window_steps += 1
 
 
-def _synchronised_step(runs: Mapping[str, _ModuleRun], lr: float, cfg: TrainerConfig, ctx) -> None:
+def _synchronised_step(runs: Mapping[str, _ModuleRun], step: int, ctx) -> None:
     """Sum every module's gradients and fired counts over the processes (one collective
-    per dtype), then step every optimiser: the same update on every process."""
+    per dtype), then step every optimiser at its own learning rate (`lr_at(step, run.cfg)`):
+    the same update on every process."""
     params = [p for run in runs.values() for p in run.module.parameters() if p.requires_grad]
     for p in params:  # an unused parameter gets a zero gradient on every process alike
         if p.grad is None:
@@ -606,7 +610,9 @@ def _synchronised_step(runs: Mapping[str, _ModuleRun], lr: float, cfg: TrainerCo
     for run in runs.values():
         module = run.module
         module.before_optimizer_step()
+        cfg = run.cfg
         data_init.constrain_grads_(module, cfg)
+        lr = lr_at(step, cfg)
         for group in run.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         run.optimizer.step()
@@ -626,7 +632,7 @@ def _log(runs: Mapping[str, _ModuleRun], step: int, cfg: TrainerConfig, bar, wan
         return
     windows = torch.stack([runs[n].window for n in names])
     distributed.all_reduce_(windows, ctx)
-    dead = torch.stack([(runs[n].since_fired >= cfg.dead_tokens).double().mean() for n in names])
+    dead = torch.stack([(runs[n].since_fired >= runs[n].cfg.dead_tokens).double().mean() for n in names])
     windows, dead = windows.tolist(), dead.tolist()
     postfix = []
     metrics = {}
@@ -683,7 +689,7 @@ def _summary(run: _ModuleRun, step: int, cfg: TrainerConfig, heldout: float | No
         loss=last["loss"],
         nmse=last["nmse"],
         l0=last["l0"],
-        dead_fraction=float((run.since_fired >= cfg.dead_tokens).float().mean()),
+        dead_fraction=float((run.since_fired >= run.cfg.dead_tokens).float().mean()),
         seconds=run.seconds,
         tokens_per_second=tokens / run.seconds if run.seconds > 0 else float("nan"),
         heldout_nmse=heldout,
