@@ -55,9 +55,11 @@ TRANSCODER_RECIPES: list[dict[str, Any]] = [
     {"center_encoder": True, "zero_decoder": True},
     {"unit_norm_decoder": True},
     {"unit_norm_decoder": True, "center_encoder": True},
+    {"loss_norm": "token"},
 ]
-"""The transcoder recipes: sparsify's centred encoder (with its zero decoder) and the MxD
-authors' unit-norm decoder rows with the parallel gradient removed."""
+"""The transcoder recipes: sparsify's centred encoder (with its zero decoder), the MxD
+authors' unit-norm decoder rows with the parallel gradient removed, and the per-token
+normalised loss (every token's ||e||^2 / ||y||^2 weighted alike instead of by its energy)."""
 MXD_LEVERS: list[dict[str, Any]] = [
     # first the levers the issue names (a --max-fits budget runs these)
     {"center_encoder": True},
@@ -67,6 +69,7 @@ MXD_LEVERS: list[dict[str, Any]] = [
     {"aux_coeff": 0.125},
     {"expert_init_noise": 3.0},
     {"warm_start_dense": True, "expert_init_noise": 0.5, "init_bias_from_data": False},
+    {"loss_norm": "token"},
     # then the rest of the sweep
     {"experts_lr_scale": 3.0}, {"experts_lr_scale": 0.3},
     {"dense_lr_scale": 3.0},

@@ -215,9 +215,19 @@ def test_layer_sweep_trains_from_one_activation_pass(tmp_path):
     results = run_frontier(_cfg(sweep_layers=[0]), tmp_path, model=model, train_rows=rows,
                            eval_rows=tiny_tokens(6, seed=9), echo=lambda _: None)
     assert results["layer"] == 1 and len(results["rows"]) == 6
+    from mxd_lens.metadata import measure_firing_rates
+    from mxd_lens.storage import firing_rates
+
     for row in results["rows"]:
         assert mxd_lens.load(tmp_path / f"{row['method']}_k{row['k']}").cfg.layer == 1
         assert mxd_lens.load(tmp_path / "layer_0" / f"{row['method']}_k{row['k']}").cfg.layer == 0
+    # sparsity.safetensors of every module (both layers) comes from the evaluation's own
+    # counts; it equals a separate firing-rate pass over the held-out rows
+    folders = [f"{p}{m}_k{k}" for p in ("", "layer_0/") for m in METHOD_NAMES for k in (2, 4)]
+    loaded = {f: mxd_lens.load(tmp_path / f) for f in folders}
+    reference = measure_firing_rates(model, loaded, tiny_tokens(6, seed=9), progress=False)
+    for f in folders:
+        torch.testing.assert_close(firing_rates(tmp_path / f), reference[f], rtol=1e-5, atol=1e-6)
     sweep = json.loads((tmp_path / "layers.json").read_text())
     assert sweep["main_layer"] == 1 and [s["layer"] for s in sweep["layers"]] == [0, 1]
     main = next(s for s in sweep["layers"] if s["layer"] == 1)

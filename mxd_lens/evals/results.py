@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 from mxd_lens.atomic import jsonable as _jsonable  # NaN/inf -> None (e.g. a single batch's stderr)
@@ -124,10 +127,15 @@ class EvalResult:
     row_delta_ce: list[float] = field(default_factory=list, repr=False)
     """Per row: its mean CE with the candidate spliced in minus the clean model's (the
     paired differences behind `delta_ce_stderr` and `metrics.ratio_interval`)."""
+    firing_rates: dict[int, Tensor] = field(default_factory=dict, repr=False)
+    """Per replaced layer, the fraction of compared positions at which each unit fired
+    ([n_units] float32; what sparsity.safetensors stores, so a run writes it from its
+    evaluation rather than a second pass). Not in `to_dict`."""
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields, JSON-ready (non-finite floats become None, layer keys strings)."""
-        return _jsonable(dataclasses.asdict(self))
+        """All fields but `firing_rates`, JSON-ready (non-finite floats become None, layer
+        keys strings)."""
+        return _jsonable({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "firing_rates"})
 
 
 @dataclass

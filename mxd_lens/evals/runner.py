@@ -479,6 +479,8 @@ def _result(
         nmse_per_layer=nmse_per_layer,
         module_metrics={key: _mean(values) for key, values in own.items()},
         row_delta_ce=list(tally.row_deltas),
+        firing_rates={l: (tally.units[l].fires / tally.units[l].n_tokens).float() for l in layers
+                      if tally.units[l].n_tokens},
     )
 
 

@@ -432,7 +432,7 @@ def run_frontier(
     from mxd_lens.evals import evaluate_many
     from mxd_lens.experiments.layers import EVALUATION_FILE, LAYERS_FILE, format_layers, layer_summary, names_of
     from mxd_lens.experiments.plots import write_frontier_html, write_layers_html
-    from mxd_lens.metadata import write_sparsity
+    from mxd_lens.storage import save_sparsity
 
     timings: dict[str, float] = {}
     folder = RunFolder(out, overwrite=overwrite, keep_on_failure=[CHECKPOINTS])
@@ -488,7 +488,9 @@ def run_frontier(
             )
         report = reports[cfg.layer]
         modules = {n: m for n, m in all_modules.items() if plan[n][0] == cfg.layer}
-        write_sparsity(folder.staging, model, all_modules, eval_rows, cfg)  # sparsity.safetensors (mxd_lens.metadata)
+        for layer, layer_report in reports.items():  # sparsity.safetensors from the evaluation's own counts
+            for name, result in layer_report.results.items():
+                save_sparsity(folder.staging / name, result.firing_rates[layer])
         timings["eval"] = time.perf_counter() - t
         save_eval_inputs(folder.staging, eval_rows, means)
 

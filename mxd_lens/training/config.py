@@ -318,7 +318,7 @@ PER_MODULE_FIELDS: tuple[str, ...] = (
     "lr", "warmup_steps", "schedule", "min_lr_ratio", "beta1", "beta2", "init_bias_from_data",
     "center_encoder", "zero_decoder", "unit_norm_decoder", "gate_init", "kmeans_iters",
     "gate_lr_scale", "experts_lr_scale", "dense_lr_scale", "warm_start_dense", "expert_init_noise",
-    "aux_k", "aux_coeff", "dead_tokens",
+    "aux_k", "aux_coeff", "dead_tokens", "loss_norm",
 )
 """The TrainerConfig fields `per_method` may set: what one module's optimiser,
 initialisation and revival use. Everything else (batches, budget, data, precision,
