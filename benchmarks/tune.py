@@ -17,6 +17,7 @@ Stages (run in order; each reads the earlier ones' results from the JSON):
              AuxK settings, expert-row spread, warm start from the MLP
   combos     option sets from --combos (JSON list) for every --methods at its best (lr, batch),
              at --combo-seeds (the levers that helped, together; the winners' seeds)
+  seeds      the current winner of each method and K (any stage) at --seeds
   all        grid, finalists, recipes, levers in order
 
 Resumable: results go to OUT/tune.json (atomically, after every fit); a setting already
@@ -52,10 +53,10 @@ RESULTS = "tune.json"
 METRICS = ("nmse", "delta_ce", "delta_ce_stderr", "ce_recovered", "l0", "dead_fraction", "expert_cos")
 TRANSCODER_RECIPES: list[dict[str, Any]] = [
     {"center_encoder": True},
-    {"center_encoder": True, "zero_decoder": True},
     {"unit_norm_decoder": True},
-    {"unit_norm_decoder": True, "center_encoder": True},
     {"loss_norm": "token"},
+    {"center_encoder": True, "zero_decoder": True},
+    {"unit_norm_decoder": True, "center_encoder": True},
 ]
 """The transcoder recipes: sparsify's centred encoder (with its zero decoder), the MxD
 authors' unit-norm decoder rows with the parallel gradient removed, and the per-token
@@ -185,14 +186,20 @@ def plan(stage: str, args: argparse.Namespace, results: dict[str, Any]) -> list[
                     out += [setting(method, k, lr, bs, s, stage) for s in args.seeds]
             elif stage == "recipes" and method != "mxd":
                 for lr, bs in best_plain(results, method, k):
-                    out += [setting(method, k, lr, bs, 0, stage, o) for o in TRANSCODER_RECIPES]
+                    out += [setting(method, k, lr, bs, 0, stage, o) for o in TRANSCODER_RECIPES[:args.max_options]]
             elif stage == "levers" and method == "mxd":
                 for lr, bs in best_plain(results, method, k):
-                    out += [setting(method, k, lr, bs, 0, stage, o) for o in MXD_LEVERS]
+                    out += [setting(method, k, lr, bs, 0, stage, o) for o in MXD_LEVERS[:args.max_options]]
+            elif stage == "seeds":  # the current winner of (method, K), any stage, at --seeds
+                w = winners(results).get(f"{method}_k{k}")
+                if w is not None:
+                    out += [setting(method, k, w["lr"], w["batch_size"], s, stage, w["options"]) for s in args.seeds]
             elif stage == "combos":  # option sets given on the command line, at the best (lr, batch)
                 for lr, bs in best_plain(results, method, k):
-                    for o in args.combos:
-                        out += [setting(method, k, lr, bs, s, stage, o) for s in args.combo_seeds]
+                    for o in args.combos:  # an option set may name its own lr / batch_size
+                        o = dict(o)
+                        lr_o, bs_o = o.pop("lr", lr), o.pop("batch_size", bs)
+                        out += [setting(method, k, lr_o, bs_o, s, stage, o) for s in args.combo_seeds]
     return out
 
 
@@ -312,10 +319,11 @@ def winners(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=["grid", "finalists", "recipes", "levers", "combos", "all", "report"],
+    parser.add_argument("--stage", choices=["grid", "finalists", "recipes", "levers", "combos", "seeds", "all", "report"],
                         default="grid")
     parser.add_argument("--combos", default="[]",
-                        help="stage combos: a JSON list of option sets, each run for every --methods at its best (lr, batch)")
+                        help="stage combos: a JSON list of option sets, each run for every --methods at its best (lr, batch) "
+                             "unless the set names 'lr' / 'batch_size'")
     parser.add_argument("--combo-seeds", default="0", help="stage combos: seeds of each option set")
     parser.add_argument("--out", default="benchmarks/results/tune")
     parser.add_argument("--methods", default="mxd,transcoder,skip_transcoder")
@@ -330,6 +338,8 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=None, help="default: the demo's")
     parser.add_argument("--cache-dir", default=None, help="activation cache (default OUT/activations)")
     parser.add_argument("--max-fits", type=int, default=0, help="stop after this many fits (0: no limit)")
+    parser.add_argument("--max-options", type=int, default=None,
+                        help="recipes / levers: only the first N option sets of the list (the issue's named ones first)")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--select", choices=["delta_ce", "nmse"], default="delta_ce",
                         help="metric that picks finalists, stage bases and winners")

@@ -201,6 +201,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--experts-lr-scale", "trainer.experts_lr_scale", "training"),
     Flag("--dense-lr-scale", "trainer.dense_lr_scale", "training"),
     Flag("--warm-start-dense", "trainer.warm_start_dense", "training"),
+    Flag("--warm-start-gate-scale", "trainer.warm_start_gate_scale", "training"),
     Flag("--expert-init-noise", "trainer.expert_init_noise", "training"),
     Flag("--per-method", "trainer.per_method", "training", parse=_per_method, metavar="JSON"),
     Flag("--seed", "trainer.seed", "training"),

@@ -154,6 +154,13 @@ class TrainerConfig(JsonConfig):
     W_out, equal expert rows), then at the first step divide the gate by the batch mean
     of sum_n a_n so that the layer starts near the MLP. Needs `expert_init_noise`
     (equal rows are collapse). Architectures without a dense branch ignore it."""
+    warm_start_gate_scale: float | None = None
+    """With `warm_start_dense`: at the first step, multiply the gate G by this (e.g. 0.01)
+    and set b_G = 1/K - G^T mean(x) before the gate is rescaled, so that every token's K
+    coefficients are nearly equal and sum to ~1 on EVERY token rather than on average:
+    the layer then starts at the MLP itself for each token (up to the rows' diversity),
+    while the experts chosen still depend on x through the small G. None: only the
+    rescale (sum_n a_n = 1 on average, varying by token)."""
     expert_init_noise: float | None = None
     """Expert rows c_n = normalise(1 + noise * eps_n), eps_n ~ N(0, I), before training
     (architectures whose rows are unit norm: an MxD). The rows' norm is no lever (the
@@ -251,6 +258,12 @@ class TrainerConfig(JsonConfig):
             isinstance(self.expert_init_noise, (int, float)) and self.expert_init_noise >= 0
         ):
             raise ValueError(f"expert_init_noise={self.expert_init_noise!r} must be a number >= 0 or None")
+        if self.warm_start_gate_scale is not None:
+            if isinstance(self.warm_start_gate_scale, bool) or not isinstance(self.warm_start_gate_scale, (int, float)) \
+                    or not self.warm_start_gate_scale > 0:
+                raise ValueError(f"warm_start_gate_scale={self.warm_start_gate_scale!r} must be a positive number or None")
+            if not self.warm_start_dense:
+                raise ValueError("warm_start_gate_scale is set but warm_start_dense=False: it shapes a warm start's gate")
         if self.warm_start_dense and self.expert_init_noise is None:
             raise ValueError(
                 "warm_start_dense=True gives every expert the same row (collapse); set expert_init_noise "
@@ -317,8 +330,8 @@ class TrainerConfig(JsonConfig):
 PER_MODULE_FIELDS: tuple[str, ...] = (
     "lr", "warmup_steps", "schedule", "min_lr_ratio", "beta1", "beta2", "init_bias_from_data",
     "center_encoder", "zero_decoder", "unit_norm_decoder", "gate_init", "kmeans_iters",
-    "gate_lr_scale", "experts_lr_scale", "dense_lr_scale", "warm_start_dense", "expert_init_noise",
-    "aux_k", "aux_coeff", "dead_tokens", "loss_norm",
+    "gate_lr_scale", "experts_lr_scale", "dense_lr_scale", "warm_start_dense", "warm_start_gate_scale",
+    "expert_init_noise", "aux_k", "aux_coeff", "dead_tokens", "loss_norm",
 )
 """The TrainerConfig fields `per_method` may set: what one module's optimiser,
 initialisation and revival use. Everything else (batches, budget, data, precision,

@@ -6,7 +6,7 @@ today's training is unchanged unless an option is switched on:
 | when | function | options |
 | --- | --- | --- |
 | before training (on rank 0's weights, then broadcast) | `prepare_` | `warm_start_dense`, `expert_init_noise` |
-| at step 0, on the step's own batch | `init_from_data_` | `gate_init`, `center_encoder`, `warm_start_dense` (gate scale), `zero_decoder`, `unit_norm_decoder` |
+| at step 0, on the step's own batch | `init_from_data_` | `gate_init`, `center_encoder`, `warm_start_dense` (gate scale; `warm_start_gate_scale`: a flat gate), `zero_decoder`, `unit_norm_decoder` |
 | building the optimiser | `optimizer_groups` | `gate_lr_scale`, `experts_lr_scale`, `dense_lr_scale` |
 | around every optimiser step | `constrain_grads_` / `constrain_rows_` | `unit_norm_decoder` |
 
@@ -120,7 +120,9 @@ def init_from_data_(module: Replacement, x: Float[Tensor, "tokens d_in"], cfg: T
     its norm), the data-centred encoder bias (`center_encoder`), the gate scale of a
     warm-started dense branch (`warm_start_dense`: W_enc and b_enc divided by the mean of
     sum_n a_n over the batch, so that on average C^T a ~ 1 and the layer starts near the
-    MLP; TopK-ReLU is positively homogeneous, so this scales every a by the same factor),
+    MLP; TopK-ReLU is positively homogeneous, so this scales every a by the same factor;
+    with `warm_start_gate_scale` the gate is first flattened, G *= scale and
+    b_G = 1/K - G^T mean(x), so that the sum is ~1 on every token),
     a zero decoder (`zero_decoder`, only where the decoder rows are free) and unit decoder
     rows (`unit_norm_decoder`)."""
     x = x.to(module.W_enc.dtype)
@@ -133,6 +135,10 @@ def init_from_data_(module: Replacement, x: Float[Tensor, "tokens d_in"], cfg: T
     if cfg.center_encoder:
         center_encoder_(module, _global_mean(x, cfg, ctx))
     if cfg.warm_start_dense and "dense" in module.param_groups():
+        if cfg.warm_start_gate_scale is not None:  # a nearly flat gate: sum_n a_n ~ 1 on every token
+            module.W_enc.mul_(cfg.warm_start_gate_scale)
+            mean = _global_mean(x, cfg, ctx).to(module.W_enc.dtype)
+            module.b_enc.copy_(1.0 / module.cfg.k - mean @ module.W_enc)
         units = module.activate(module.pre_acts(x))
         values = units.values if isinstance(units, TopK) else units
         mean_sum = float(_global_mean(values.sum(-1, keepdim=True), cfg, ctx))

@@ -218,6 +218,30 @@ def test_warm_start_through_fit_diversifies_rows_and_scales_the_gate(tiny):
     assert mxd.metrics()["expert_cos"] > 0.8  # reported: a warm start starts close to collapse
 
 
+def test_flat_gate_warm_start_starts_at_the_mlp_on_every_token(tiny):
+    """warm_start_gate_scale: the gate is flattened before the rescale, so sum_n a_tn ~ 1 on
+    EVERY token of the first batch (not only on average) and, with equal rows (noise 0),
+    the layer's output is the MLP's own to within that spread; the rescale alone leaves
+    the sums spread over tokens and the output far from the MLP."""
+    model, x = tiny
+    _, cache = model.run_with_cache(_tokens(), names_filter="blocks.1.hook_mlp_out")
+    y = cache["blocks.1.hook_mlp_out"].reshape(-1, D)
+    spread, nmse = {}, {}
+    for name, scale in (("flat", 0.01), ("rescale", None)):
+        modules = {"mxd": _modules()["mxd"]}
+        fit(model, modules, _tokens(), _cfg(warm_start_dense=True, expert_init_noise=0.0, init_bias_from_data=False,
+                                            warm_start_gate_scale=scale))
+        mxd = modules["mxd"][1]
+        with torch.no_grad():
+            sums = mxd.encode(x, hooked=False).dense(37).sum(1)
+            y_hat = mxd.reconstruct(x, hooked=False)
+        assert float(sums.mean()) == pytest.approx(1.0, rel=1e-3)
+        spread[name] = float(sums.std() / sums.mean())
+        nmse[name] = float((y_hat - y).pow(2).sum() / y.pow(2).sum())
+    assert spread["flat"] < 0.02 < spread["rescale"]
+    assert nmse["flat"] < 1e-3 < nmse["rescale"]
+
+
 def test_bad_options_name_the_value():
     with pytest.raises(ValueError, match="zero_decoder=True and unit_norm_decoder=True"):
         TrainerConfig(zero_decoder=True, unit_norm_decoder=True)
@@ -227,6 +251,10 @@ def test_bad_options_name_the_value():
         TrainerConfig(gate_init="pca")
     with pytest.raises(ValueError, match="dense_lr_scale=0"):
         TrainerConfig(dense_lr_scale=0)
+    with pytest.raises(ValueError, match="warm_start_gate_scale is set but warm_start_dense=False"):
+        TrainerConfig(warm_start_gate_scale=0.01)
+    with pytest.raises(ValueError, match="warm_start_gate_scale=0 must be a positive number"):
+        TrainerConfig(warm_start_dense=True, expert_init_noise=0.1, warm_start_gate_scale=0)
     with pytest.raises(ValueError, match="expert_init_noise=-1"):
         TrainerConfig(expert_init_noise=-1)
     assert TrainerConfig.from_dict(TrainerConfig(center_encoder=True, gate_init="kmeans").to_dict()).gate_init == "kmeans"
