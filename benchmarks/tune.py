@@ -25,11 +25,11 @@ there is skipped, so the search can run in pieces (`--max-fits N` stops after N 
 Printed: a markdown table per method and K (every setting), the option/lever table (each
 option against its base setting), and the winners.
 
-Full search (NOT run yet: with --ks 16,32 about 130 modules (54 grid, 24 finalist seeds, 16
-recipes, 38 levers), ~2 min each on 2 quiet CPU cores (the demo trains and evaluates 6 in
-15 minutes), so ~4-5 hours; run it in pieces with --max-fits / --stage):
-  HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/tune.py --stage all --ks 16,32 --out benchmarks/results/tune
-Pilot (proves the script, numbers meaningless):
+What ran (issue 11; the commands and every table are in benchmarks/README.md, "Fair
+tuning"): the grid at K=32, its extension to lr 3e-2 for the transcoders, MxD option sets
+through `combos`, the transcoder recipes; 52 modules in ~2 h 15 min on 2 CPU cores
+(`--stage all --ks 16,32`, ~130 modules, would take ~6 h).
+Pilot (proves the script in minutes, numbers meaningless):
   HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/tune.py --stage grid --methods mxd --ks 32 --layer 28 \\
       --lrs 3e-3 --batch-sizes 256,512 --train-tokens 25600 --collect-tokens 16384 --eval-tokens 2048 \\
       --out /tmp/tune_pilot

@@ -175,7 +175,7 @@ def test_help_shows_defaults_from_the_config_fields(capsys):
     assert "(default: 16,32)" in text and "(default: mxd,transcoder,skip_transcoder)" in text
     assert main(["demo", "--help"]) == 0  # the demo's own budget is its default
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 196608)" in text and "(default: 0.003)" in text
+    assert "(default: 196608)" in text and "(default: 0.01)" in text
 
 
 def test_method_aliases_and_lists(tmp_path):

@@ -210,8 +210,8 @@ class TrainerConfig(JsonConfig):
     activations: ActivationConfig = field(default_factory=ActivationConfig)
     """How the activations are collected."""
     per_method: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Settings that differ by method, e.g. {"mxd": {"lr": 1e-3}, "transcoder":
-    {"center_encoder": True}}: keys are method or architecture names (`mxd_lens.registry`),
+    """Settings that differ by method, e.g. (as `--per-method` JSON) {"mxd": {"lr": 0.001},
+    "transcoder": {"center_encoder": true}}: keys are method or architecture names (`mxd_lens.registry`),
     values override the `PER_MODULE_FIELDS` of this config for every module of that method
     in a run (`for_architecture`). The modules of one run share their batches, so the
     batch size, token budget and data settings cannot differ. The demo uses it for the

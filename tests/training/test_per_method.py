@@ -81,3 +81,21 @@ def test_per_module_fields_are_trainer_fields():
     names = {f for f in TrainerConfig.__dataclass_fields__}
     assert set(PER_MODULE_FIELDS) <= names
     assert not {"batch_size", "train_tokens", "activations", "seed", "per_method"} & set(PER_MODULE_FIELDS)
+
+
+def test_cli_per_method_flag(tmp_path, capsys):
+    from mxd_lens.cli import build_parser, config_from_args, main
+    from mxd_lens.experiments.config import FrontierConfig, demo_config
+
+    argv = ["frontier", "--per-method", '{"mxd": {"lr": 0.002, "warm_start_dense": true, "expert_init_noise": 1.0}}',
+            "--out", str(tmp_path / "r")]
+    t = config_from_args(build_parser(argv).parse_args(argv), FrontierConfig()).trainer
+    assert t.for_architecture("mxd").lr == 0.002 and t.for_architecture("mxd").warm_start_dense
+    assert t.for_architecture("transcoder").lr == t.lr
+    # the demo's own per-method settings are its default, and valid
+    assert demo_config().trainer.for_architecture("mxd").warm_start_dense
+    for bad, message in (("{mxd: 1}", "expected JSON"), ('["mxd"]', "a JSON object"),
+                         ('{"mxd": {"batch_size": 64}}', "every module of a run shares")):
+        assert main(["frontier", "--per-method", bad, "--out", str(tmp_path / "x")]) != 0
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
