@@ -7,11 +7,10 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from mxd_lens.atomic import jsonable as _jsonable  # NaN/inf -> None (e.g. a single batch's stderr)
+
 if TYPE_CHECKING:
     from torch import Tensor
-
-
-from mxd_lens.atomic import jsonable as _jsonable  # NaN/inf -> None (e.g. a single batch's stderr)
 
 
 @dataclass

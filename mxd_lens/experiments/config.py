@@ -109,7 +109,8 @@ class FrontierConfig(ModelChoice):
     device: str = "cpu"
     """Device of the model and the training."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    """Training settings shared by every module (tokens, batch, lr, seed...)."""
+    """Training settings of every module (tokens, batch, lr, seed...), with per-method
+    overrides in `trainer.per_method` (`--per-method`)."""
     progress: bool = True
     """Show progress bars."""
 
