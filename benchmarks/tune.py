@@ -27,7 +27,8 @@ option against its base setting), and the winners.
 
 What ran (issue 11; the commands and every table are in benchmarks/README.md, "Fair
 tuning"): the grid at K=32, its extension to lr 3e-2 for the transcoders, MxD option sets
-through `combos`, the transcoder recipes; 52 modules in ~2 h 15 min on 2 CPU cores
+through `combos`, the transcoder recipes, the winners at a second seed; 44 modules in
+~1 h 45 min of fits on 2 CPU cores
 (`--stage all --ks 16,32`, ~130 modules, would take ~6 h).
 Pilot (proves the script in minutes, numbers meaningless):
   HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/tune.py --stage grid --methods mxd --ks 32 --layer 28 \\

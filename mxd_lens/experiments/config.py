@@ -173,8 +173,9 @@ def demo_config() -> FrontierConfig:
     loss did not help), the MxD at lr 1e-3 (it diverges at 3e-3 / 1e-2 with
     small batches) with its dense branch warm-started from the model's own MLP and its
     expert rows diversified and a flat gate (`warm_start_dense`, `expert_init_noise=1.0`,
-    `warm_start_gate_scale=1e-3`: delta CE 0.035 against 0.201 from the random init at
-    K=32 and batch 256, mean |cos| of the experts 0.29, L0 12 of 32). Batch 512,
+    `warm_start_gate_scale=1e-3`: delta CE 0.035 and 0.054 at two seeds against 0.201
+    from the random init at K=32 and batch 256, mean |cos| of the experts 0.29, L0 12 of
+    32). Batch 512,
     not the search's best 256 (better for every method at equal tokens), because 256
     doubles the training time per token and the demo would pass 15 minutes.
 
